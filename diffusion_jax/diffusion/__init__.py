@@ -1,0 +1,64 @@
+"""Pure diffusion math: schedules, the forward process, losses, samplers and likelihood.
+
+from diffusion_jax import diffusion as dm
+sched = dm.make_schedule("cosine", num_timesteps=1000)
+x0 = dm.sample(model_fn, sched, key, x_T=x_T, sampler="ddim", num_steps=50)
+"""
+
+from diffusion_jax.diffusion.likelihood import bits_per_dim
+from diffusion_jax.diffusion.losses import (
+    diffusion_loss,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    prior_bpd,
+    sample_timesteps,
+    snr_loss_weight,
+    vlb_term_bpd,
+)
+from diffusion_jax.diffusion.process import (
+    eps_from_v,
+    eps_from_x0,
+    p_mean_variance,
+    q_mean_variance,
+    q_posterior,
+    q_sample,
+    v_from_x0_eps,
+    x0_from_eps,
+    x0_from_v,
+)
+from diffusion_jax.diffusion.samplers import SAMPLERS, respaced_timesteps, sample
+from diffusion_jax.diffusion.schedules import (
+    SCHEDULES,
+    Schedule,
+    make_schedule,
+    schedule_from_alphas_cumprod,
+    schedule_from_betas,
+)
+
+__all__ = [
+    "SAMPLERS",
+    "SCHEDULES",
+    "Schedule",
+    "bits_per_dim",
+    "diffusion_loss",
+    "discretized_gaussian_log_likelihood",
+    "eps_from_v",
+    "eps_from_x0",
+    "make_schedule",
+    "normal_kl",
+    "p_mean_variance",
+    "prior_bpd",
+    "q_mean_variance",
+    "q_posterior",
+    "q_sample",
+    "respaced_timesteps",
+    "sample",
+    "sample_timesteps",
+    "schedule_from_alphas_cumprod",
+    "schedule_from_betas",
+    "snr_loss_weight",
+    "v_from_x0_eps",
+    "vlb_term_bpd",
+    "x0_from_eps",
+    "x0_from_v",
+]
