@@ -1,0 +1,249 @@
+"""The base config every recipe in configs/ starts from, and its validation.
+
+Each field is documented where it is defined; recipes change only what differs. `validate`
+runs before anything is compiled and fails with one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from diffusion_jax.diffusion import losses, process, samplers, schedules
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.data = d = ml_collections.ConfigDict()
+    d.dataset = "digits"  # a tfds name, "digits", "folder" or "synthetic"
+    d.image_size = 16
+    d.channels = 1
+    d.num_classes = 10  # used when model.class_conditional
+    d.data_dir = ""  # tfds data_dir, or the image folder for dataset="folder"
+    d.train_split = "train"
+    d.eval_split = "test"
+    d.random_flip = False
+    d.download = False  # tfds download_and_prepare when the data set is missing
+    d.shuffle_buffer = 10_000
+
+    c.model = m = ml_collections.ConfigDict()
+    m.ch = 32
+    m.ch_mult = (1, 2)
+    m.num_res_blocks = 1
+    m.attn_resolutions = (8,)
+    m.dropout = 0.0
+    m.num_heads = 1
+    m.head_channels = -1  # > 0: heads of this many channels, overriding num_heads
+    m.scale_shift_norm = False
+    m.resblock_updown = False
+    m.downsample_padding = 0  # 0: TF SAME padding as DDPM; 1: symmetric as improved DDPM
+    m.flip_sin_to_cos = False  # timestep embedding: DDPM sin-first, freq shift 1
+    m.freq_shift = 1.0
+    m.norm_groups = 32
+    m.norm_eps = 1e-6
+    m.learn_sigma = False  # doubles the output channels; needs a learned diffusion.variance
+    m.class_conditional = False
+    m.attention = "dot_product_attention"  # or "einsum"
+    m.mid_attn_norm = True  # False only for diffusers' scale-shift models, which lack it
+    m.remat = False
+    m.dtype = "float32"  # activations; parameters are always float32
+
+    c.diffusion = f = ml_collections.ConfigDict()
+    f.schedule = "linear"
+    f.num_timesteps = 1000
+    f.beta_start = -1.0  # < 0: the schedule's published value
+    f.beta_end = -1.0
+    f.prediction = "eps"
+    f.variance = "fixed_large"
+    f.loss_type = "mse"
+    f.loss_weighting = "none"
+    f.min_snr_gamma = 5.0
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.optimizer = "adam"  # or "adamw"
+    o.lr = 2e-4
+    o.beta1 = 0.9
+    o.beta2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = 0.0
+    o.warmup_steps = 5000
+    o.decay = "constant"  # or "cosine" (to 0 at training.num_steps)
+    o.grad_clip = 1.0  # global-norm clipping; <= 0 disables
+    o.ema_decay = 0.9999
+    o.ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step))
+
+    c.training = t = ml_collections.ConfigDict()
+    t.batch_size = 128  # global, over all devices and hosts
+    t.num_steps = 800_000
+    t.seed = 0
+    t.grad_accum = 1
+    t.cond_drop_prob = 0.1  # label dropout for classifier-free guidance (conditional models)
+    t.max_consecutive_nonfinite = 10
+    t.log_every = 100
+    t.ckpt_every = 5000
+    t.sample_every = 10_000
+    t.eval_every = 0  # 0: no evaluation during training
+    t.max_to_keep = 3
+    t.allow_config_change = False
+
+    c.sampling = s = ml_collections.ConfigDict()
+    s.sampler = "ddim"
+    s.num_steps = 50
+    s.spacing = ""  # "" uses the sampler's default spacing
+    s.eta = 0.0
+    s.num_samples = 64
+    s.guidance_scale = -1.0  # < 0: no guidance
+    s.clip_denoised = True
+    s.batch_size = 256
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.num_samples = 1000
+    e.metrics = ("digits_fd",)
+    e.reference_stats = ""
+    e.checkpoint_step = -1  # -1: every checkpoint without a result
+    e.inception_weights = ""
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices left after the other axes
+    c.mesh.fsdp = 1
+    return c
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _require(ok: bool, field: str, message: str):
+    if not ok:
+        raise ValueError(f"config.{field}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks that a config can work, before anything is built. Raises ValueError naming the
+    field (one line) on the first problem."""
+    d, m, f, o, t, s = (
+        config.data,
+        config.model,
+        config.diffusion,
+        config.optim,
+        config.training,
+        config.sampling,
+    )
+    _require(
+        f.schedule in schedules.SCHEDULES,
+        "diffusion.schedule",
+        f"unknown schedule {f.schedule!r}; choose one of {schedules.SCHEDULES}",
+    )
+    _require(f.num_timesteps >= 1, "diffusion.num_timesteps", "must be >= 1")
+    _require(
+        f.prediction in process.PREDICTIONS,
+        "diffusion.prediction",
+        f"unknown {f.prediction!r}; choose one of {process.PREDICTIONS}",
+    )
+    _require(
+        f.variance in process.VARIANCES,
+        "diffusion.variance",
+        f"unknown {f.variance!r}; choose one of {process.VARIANCES}",
+    )
+    _require(
+        f.loss_type in losses.LOSS_TYPES,
+        "diffusion.loss_type",
+        f"unknown {f.loss_type!r}; choose one of {losses.LOSS_TYPES}",
+    )
+    _require(
+        f.loss_weighting in losses.WEIGHTINGS,
+        "diffusion.loss_weighting",
+        f"unknown {f.loss_weighting!r}; choose one of {losses.WEIGHTINGS}",
+    )
+    learned = f.variance.startswith("learned")
+    _require(
+        m.learn_sigma == learned,
+        "model.learn_sigma",
+        f"must be {learned} for diffusion.variance={f.variance!r}",
+    )
+    _require(
+        s.sampler in samplers.SAMPLERS,
+        "sampling.sampler",
+        f"unknown sampler {s.sampler!r}; choose one of {tuple(samplers.SAMPLERS)}",
+    )
+    _require(
+        s.spacing in ("",) + samplers.SPACINGS,
+        "sampling.spacing",
+        f"unknown {s.spacing!r}; choose one of {samplers.SPACINGS}",
+    )
+    _require(
+        1 <= s.num_steps <= f.num_timesteps,
+        "sampling.num_steps",
+        f"must be in [1, diffusion.num_timesteps={f.num_timesteps}]",
+    )
+    _require(m.dtype in DTYPES, "model.dtype", f"unknown {m.dtype!r}; choose one of {DTYPES}")
+    _require(
+        m.attention in ("dot_product_attention", "einsum"),
+        "model.attention",
+        "choose 'dot_product_attention' or 'einsum'",
+    )
+    downsamples = 2 ** (len(m.ch_mult) - 1)
+    _require(
+        d.image_size % downsamples == 0,
+        "data.image_size",
+        f"{d.image_size} is not divisible by 2^(len(model.ch_mult) - 1) = {downsamples}",
+    )
+    channels = {m.ch * k for k in m.ch_mult}
+    _require(
+        all(c % m.norm_groups == 0 for c in channels),
+        "model.norm_groups",
+        f"{m.norm_groups} groups do not divide the channel counts {sorted(channels)} "
+        "(model.ch * model.ch_mult)",
+    )
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _require(m.downsample_padding in (0, 1), "model.downsample_padding", "must be 0 or 1")
+    _require(
+        not m.class_conditional or d.num_classes > 0,
+        "data.num_classes",
+        "must be > 0 for model.class_conditional",
+    )
+    _require(o.optimizer in ("adam", "adamw"), "optim.optimizer", "choose 'adam' or 'adamw'")
+    _require(o.decay in ("constant", "cosine"), "optim.decay", "choose 'constant' or 'cosine'")
+    _require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    _require(t.grad_accum >= 1, "training.grad_accum", "must be >= 1")
+    _require(
+        t.batch_size % t.grad_accum == 0,
+        "training.batch_size",
+        f"{t.batch_size} is not divisible by training.grad_accum={t.grad_accum}",
+    )
+    for name in ("log_every", "ckpt_every", "sample_every"):
+        _require(t[name] >= 1, f"training.{name}", "must be >= 1")
+    if num_devices is not None:
+        sizes = mesh_shape(config, num_devices)
+        per_step = t.batch_size // t.grad_accum
+        _require(
+            per_step % (sizes[0] * sizes[1]) == 0,
+            "training.batch_size",
+            f"the micro-batch {per_step} is not divisible by the {sizes[0] * sizes[1]} "
+            "devices of the mesh (mesh.data x mesh.fsdp)",
+        )
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int]:
+    """(data, fsdp) sizes from config.mesh; a -1 takes all devices the other axis leaves."""
+    data, fsdp = config.mesh.data, config.mesh.fsdp
+    _require(not (data == -1 and fsdp == -1), "mesh", "only one of mesh.data, mesh.fsdp may be -1")
+    if data == -1:
+        _require(
+            fsdp >= 1 and num_devices % fsdp == 0,
+            "mesh.fsdp",
+            f"{fsdp} does not divide the {num_devices} devices",
+        )
+        data = num_devices // fsdp
+    if fsdp == -1:
+        _require(
+            data >= 1 and num_devices % data == 0,
+            "mesh.data",
+            f"{data} does not divide the {num_devices} devices",
+        )
+        fsdp = num_devices // data
+    _require(
+        data * fsdp == num_devices,
+        "mesh",
+        f"mesh.data x mesh.fsdp = {data} x {fsdp} != {num_devices} devices",
+    )
+    return data, fsdp

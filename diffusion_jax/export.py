@@ -1,0 +1,39 @@
+"""Single-file parameters for sharing: `<name>.msgpack` (flax msgpack) beside `<name>.json`
+(the run config). `--mode=sample|eval` accept such a file through `eval.params_file`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flax.serialization
+import jax
+import ml_collections
+import numpy as np
+
+
+def config_path(params_path) -> Path:
+    return Path(params_path).with_suffix(".json")
+
+
+def save_params(path, params, config: ml_collections.ConfigDict) -> None:
+    """Writes params (a pytree of arrays, gathered to the host) and the config beside them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(flax.serialization.msgpack_serialize(host))
+    tmp.replace(path)
+    config_path(path).write_text(config.to_json_best_effort(indent=2))
+
+
+def load_params(path) -> tuple[dict, ml_collections.ConfigDict]:
+    """(params, config) from a file written by `save_params`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"parameters file {path} does not exist")
+    cfg_file = config_path(path)
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} (the config of {path.name}) does not exist")
+    params = flax.serialization.msgpack_restore(path.read_bytes())
+    return params, ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
