@@ -128,7 +128,7 @@ def test_clip_denoised_bounds_x0():
 
 
 def test_unknown_prediction_names_the_field():
-    sched = dm.make_schedule("linear", 10)
+    sched = dm.make_schedule("linear", 50)
     x = jnp.zeros((1, 2, 2, 1))
     with pytest.raises(ValueError, match="diffusion.prediction"):
         dm.p_mean_variance(sched, x, x, jnp.array([0]), prediction="score")

@@ -82,7 +82,12 @@ def test_cosine_alphas_cumprod_is_cos_squared(x64):
 
 
 def test_float32_by_default():
-    assert dm.make_schedule("linear", 10).betas.dtype == np.float32
+    assert dm.make_schedule("linear", 50).betas.dtype == np.float32
+
+
+def test_betas_outside_unit_interval_are_refused():
+    with pytest.raises(ValueError, match="diffusion.num_timesteps=10"):
+        dm.make_schedule("linear", 10)  # 1000/T scaling would give beta_T = 2
 
 
 def test_unknown_schedule_names_the_field():

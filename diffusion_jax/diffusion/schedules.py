@@ -123,6 +123,12 @@ def make_schedule(
         betas = betas_from_alpha_bar(sigmoid_alpha_bar, num_timesteps, max_beta)
     else:
         raise ValueError(f"unknown diffusion.schedule {name!r}; choose one of {SCHEDULES}")
+    if not (betas.min() > 0 and betas.max() < 1):
+        raise ValueError(
+            f"diffusion.num_timesteps={num_timesteps}: the {name} betas span "
+            f"[{betas.min():.4g}, {betas.max():.4g}], outside (0, 1); use more timesteps or "
+            "set diffusion.beta_start/beta_end"
+        )
     return schedule_from_betas(betas)
 
 

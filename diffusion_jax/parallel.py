@@ -1,0 +1,143 @@
+"""The device mesh, the shardings of the state and the batch, and multi-host helpers.
+
+One `Mesh` with axes ('data', 'fsdp'): the batch is split over both, parameters (and with
+them the EMA and the optimizer moments) are split over 'fsdp' along the dimension their
+logical axis annotation names (or their largest divisible one), and replicated over 'data'.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax import config as config_lib
+
+log = logging.getLogger(__name__)
+
+DATA, FSDP = "data", "fsdp"
+BATCH_AXES = (DATA, FSDP)
+# Logical axes of the model's kernels (models/layers.py) in order of preference for FSDP.
+FSDP_LOGICAL_AXES = ("embed_out", "embed_in")
+# Arrays smaller than this stay replicated: splitting them costs more than it saves.
+MIN_FSDP_SIZE = 2**12
+
+
+def make_mesh(config, devices=None) -> Mesh:
+    """The ('data', 'fsdp') mesh of config.mesh over `devices` (default: all devices).
+
+    `mesh_utils.create_device_mesh` orders devices so that 'fsdp', the inner axis, follows
+    the fastest interconnect on TPU slices and GPU nodes.
+    """
+    devices = jax.devices() if devices is None else devices
+    shape = config_lib.mesh_shape(config, len(devices))
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, AssertionError, NotImplementedError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, (DATA, FSDP))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over every device of the mesh."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, logical_axes, fsdp_size: int) -> P:
+    """Where one array goes: its preferred logical axis over 'fsdp' if divisible, else its
+    largest divisible dimension, else replicated."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_FSDP_SIZE:
+        return P()
+    candidates = []
+    if logical_axes:
+        candidates = [logical_axes.index(a) for a in FSDP_LOGICAL_AXES if a in logical_axes]
+    candidates += sorted(range(len(shape)), key=lambda i: -shape[i])
+    for dim in candidates:
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = FSDP
+            return P(*spec)
+    return P()
+
+
+def logical_axes_tree(boxed_params):
+    """The logical axis names of each parameter (None where unannotated), from `model.init`
+    output evaluated with `jax.eval_shape` (boxed in `nn.LogicallyPartitioned`)."""
+    specs = nn.get_partition_spec(boxed_params)
+    return jax.tree.map(
+        lambda s: tuple(s) if isinstance(s, P) and len(s) else None,
+        specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def params_shardings(mesh: Mesh, abstract_params, logical_axes=None):
+    """NamedShardings for a parameter pytree (also used for the EMA and Adam moments)."""
+    fsdp_size = mesh.shape[FSDP]
+    if logical_axes is None:
+        logical_axes = jax.tree.map(lambda _: None, abstract_params)
+    return jax.tree.map(
+        lambda x, axes: NamedSharding(mesh, fsdp_spec(x.shape, axes, fsdp_size)),
+        abstract_params,
+        logical_axes,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def state_shardings(mesh: Mesh, abstract_state, abstract_params, logical_axes=None):
+    """Shardings of a whole TrainState: every subtree shaped like the parameters (params, EMA,
+    optimizer moments) gets the parameter shardings; everything else is replicated."""
+    params_sh = params_shardings(mesh, abstract_params, logical_axes)
+    param_tree = jax.tree.structure(abstract_params)
+
+    def is_params_like(x):
+        return jax.tree.structure(x) == param_tree
+
+    return jax.tree.map(
+        lambda x: params_sh if is_params_like(x) else replicated(mesh),
+        abstract_state,
+        is_leaf=is_params_like,
+    )
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+    """Starts `jax.distributed` when this is one process of several.
+
+    Explicit flags win; otherwise JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID from the environment; otherwise on Cloud TPU pods and under SLURM JAX
+    finds everything itself. A single process on one machine needs none of it.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    auto = "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
+    auto = auto or bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    if coordinator_address or auto:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        log.info("jax.distributed: process %d of %d", jax.process_index(),
+                     jax.process_count())
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def log_topology(mesh: Mesh, global_batch: int) -> None:
+    log.info(
+        "process %d/%d: %d local devices, %d global (%s); mesh %s; per-host batch %d",
+        jax.process_index(), jax.process_count(), jax.local_device_count(),
+        jax.device_count(), jax.devices()[0].platform, dict(mesh.shape),
+        global_batch // jax.process_count(),
+    )

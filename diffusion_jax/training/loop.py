@@ -1,0 +1,225 @@
+"""train_and_evaluate(config, workdir): the whole training run, top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import checkpointing, metrics_io, parallel
+from diffusion_jax import config as config_lib
+from diffusion_jax.data import pipeline
+from diffusion_jax.evaluation import sampling
+from diffusion_jax.models import create_model
+from diffusion_jax.training import state as state_lib
+from diffusion_jax.training.step import make_train_step
+
+log = logging.getLogger(__name__)
+
+# Fields that define what a checkpoint holds; a resumed run must agree on them.
+STRUCTURAL_SECTIONS = ("model", "diffusion")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def check_resumable_config(config, workdir: Path) -> None:
+    """Refuses to resume a workdir whose config.json differs on model or diffusion fields."""
+    path = workdir / "config.json"
+    if not path.exists() or config.training.allow_config_change:
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(config.to_json_best_effort())
+    for section in STRUCTURAL_SECTIONS:
+        for key, value in new[section].items():
+            if old.get(section, {}).get(key, value) != value:
+                raise config_lib.ConfigError(
+                    f"config.{section}.{key}: {value!r} differs from {old[section][key]!r} in "
+                    f"{path}; use a new --workdir or pass "
+                    "--config.training.allow_config_change=True"
+                )
+
+
+def write_config(config, workdir: Path) -> None:
+    if parallel.is_main_process():
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+def init_fns(config, model, optimizer):
+    """(init_fn(key) -> TrainState, boxed abstract variables) for this model."""
+    d = config.data
+    x = jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    labels = jnp.zeros((1,), jnp.int32) if config.model.class_conditional else None
+
+    def init_fn(key):
+        params = nn.unbox(model.init(key, x, t, labels))["params"]
+        return state_lib.TrainState.create(params, optimizer)
+
+    boxed = jax.eval_shape(lambda k: model.init(k, x, t, labels), jax.random.key(0))
+    return init_fn, boxed["params"]
+
+
+class RunSetup(NamedTuple):
+    """What train, eval and sample all build from a config: mesh, model, schedule, optimizer,
+    and the abstract sharded state (no device memory touched yet)."""
+
+    mesh: Any
+    model: Any
+    sched: Any
+    optimizer: Any
+    lr_schedule: Any
+    init_fn: Any
+    abstract_state: Any  # jax.ShapeDtypeStruct leaves with .sharding
+    state_sharding: Any
+
+
+def setup_run(config, init_key, devices=None) -> RunSetup:
+    mesh = parallel.make_mesh(config, devices)
+    model = create_model(config)
+    sched = sampling.schedule_from_config(config)
+    lr_schedule = state_lib.learning_rate_schedule(config.optim, config.training.num_steps)
+    optimizer = state_lib.make_optimizer(config.optim, config.training.num_steps)
+    init_fn, boxed_params = init_fns(config, model, optimizer)
+    abstract_state = jax.eval_shape(init_fn, init_key)
+    state_sharding = parallel.state_shardings(
+        mesh, abstract_state, abstract_state.params, parallel.logical_axes_tree(boxed_params)
+    )
+    abstract = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
+    return RunSetup(mesh, model, sched, optimizer, lr_schedule, init_fn, abstract,
+                    state_sharding)
+
+
+def run_keys(config):
+    """(init, train, sample) keys, all from config.training.seed."""
+    return jax.random.split(jax.random.key(config.training.seed), 3)
+
+
+class Preemption:
+    """Turns SIGTERM into a request to checkpoint and stop at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def write_samples(sample_fn, params, config, mesh, key, path) -> None:
+    num = config.sampling.num_samples
+    batch = sampling.padded_batch(num, mesh.size)
+    labels = sampling.grid_labels(config, batch)
+    images = sampling.gather(sample_fn(params, key, labels, batch))[:num]
+    rows = config.data.num_classes if config.model.class_conditional else None
+    metrics_io.save_grid(path, images, rows=rows)
+
+
+def train_and_evaluate(config, workdir) -> state_lib.TrainState:
+    """Trains to config.training.num_steps, resuming from the newest checkpoint in workdir.
+
+    On the way: metrics.jsonl + TensorBoard every log_every steps, an EMA sample grid
+    samples/step_<N>.png every sample_every steps, a checkpoint every ckpt_every steps, and
+    all three at the end. Returns the final state.
+    """
+    workdir = Path(workdir)
+    t_cfg = config.training
+    config_lib.validate(config, jax.device_count())
+    check_resumable_config(config, workdir)
+
+    # Mesh, model and the abstract sharded state.
+    init_key, train_key, sample_key = run_keys(config)
+    run = setup_run(config, init_key)
+    mesh, state_sharding = run.mesh, run.state_sharding
+    parallel.log_topology(mesh, t_cfg.batch_size)
+
+    # The state, created or restored already sharded: no host holds all of it.
+    manager = checkpointing.make_manager(workdir, max_to_keep=t_cfg.max_to_keep)
+    latest = checkpointing.latest_step(manager)
+    if latest is None:
+        state = jax.jit(run.init_fn, out_shardings=state_sharding)(init_key)
+    else:
+        state, _ = checkpointing.restore(manager, latest, run.abstract_state)
+    write_config(config, workdir)
+    start = int(state.step)
+    num_params = sum(x.size for x in jax.tree.leaves(run.abstract_state.params))
+    log.info("model: %s parameters; training steps %d -> %d", f"{num_params:,}", start,
+                 t_cfg.num_steps)
+
+    train_step = make_train_step(
+        model=run.model, sched=run.sched, config=config, optimizer=run.optimizer,
+        lr_schedule=run.lr_schedule, mesh=mesh, state_sharding=state_sharding,
+    )
+    sample_fn = sampling.make_sample_fn(run.model, run.sched, config, mesh)
+    batches = pipeline.create_iterator(
+        config, mesh, split=config.data.train_split, global_batch=t_cfg.batch_size,
+        start_step=start,
+    )
+    writer = metrics_io.MetricWriter(workdir)
+    progress = metrics_io.Progress(t_cfg.num_steps, start, unit="steps")
+
+    def save(step):
+        checkpointing.save(manager, step, state, {"data_position": step, "step": step})
+
+    step = start
+    with Preemption() as preemption:
+        while step < t_cfg.num_steps:
+            state, metrics = train_step(state, next(batches), train_key)
+            step += 1
+            last = step == t_cfg.num_steps
+            if step % t_cfg.log_every == 0 or last or preemption.requested:
+                figures = progress.update(step)
+                scalars = jax.device_get(metrics)
+                scalars.pop("skipped")
+                skipped = int(state.skipped_steps)
+                writer.write(step, {
+                    **scalars, "steps_per_sec": figures["rate"],
+                    "images_per_sec": figures["rate"] * t_cfg.batch_size,
+                    "skipped_steps": skipped,
+                })
+                log.info("step %s | loss %.4f | grad norm %.3f | skipped %d",
+                             progress.line(step, figures), scalars["loss"], scalars["grad_norm"],
+                             skipped)
+                if int(state.consecutive_skips) >= t_cfg.max_consecutive_nonfinite:
+                    manager.wait_until_finished()
+                    raise NonFiniteError(
+                        f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss "
+                        f"or gradient (up to step {step}); the last checkpoint is intact. Lower "
+                        "optim.lr, check the data, or raise training.max_consecutive_nonfinite"
+                    )
+            if step % t_cfg.sample_every == 0 or last:
+                write_samples(sample_fn, state.ema_params, config, mesh,
+                              jax.random.fold_in(sample_key, step),
+                              workdir / "samples" / f"step_{step}.png")
+            if step % t_cfg.ckpt_every == 0 or last or preemption.requested:
+                save(step)
+            if preemption.requested:
+                log.warning("stopped at step %d after SIGTERM; the same command resumes", step)
+                break
+    t0 = time.perf_counter()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    log.info("checkpoints written (waited %.1fs)", time.perf_counter() - t0)
+    return state
