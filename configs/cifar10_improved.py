@@ -13,8 +13,9 @@ from diffusion_jax.config import base_config, improved_recipe, parse_arg, smoke
 
 def get_config(arg: str = ""):
     options = parse_arg(arg, allowed=("smoke",))
-    c = improved_recipe(base_config(), image_size=32, ch_mult=(1, 2, 2, 2),
-                        attn_resolutions=(16, 8), dropout=0.3)
+    c = improved_recipe(
+        base_config(), image_size=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(16, 8), dropout=0.3
+    )
     c.data.dataset = "cifar10"
     c.data.num_classes = 10
     c.data.random_flip = True

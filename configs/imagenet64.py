@@ -14,8 +14,13 @@ from diffusion_jax.config import base_config, improved_recipe, parse_arg, smoke
 
 def get_config(arg: str = ""):
     options = parse_arg(arg, allowed=("cond", "smoke"))
-    c = improved_recipe(base_config(), image_size=64, ch_mult=(1, 2, 3, 4),
-                        attn_resolutions=(32, 16, 8), dropout=0.0)
+    c = improved_recipe(
+        base_config(),
+        image_size=64,
+        ch_mult=(1, 2, 3, 4),
+        attn_resolutions=(32, 16, 8),
+        dropout=0.0,
+    )
     c.data.dataset = "imagenet_resized/64x64"
     c.data.num_classes = 1000
     c.data.random_flip = False

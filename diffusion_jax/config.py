@@ -307,19 +307,36 @@ def ddpm_recipe(c, *, image_size: int, ch_mult, attn_resolutions=(16,), dropout=
     return c
 
 
-def improved_recipe(c, *, image_size: int, ch_mult, attn_resolutions, num_res_blocks=3,
-                    dropout=0.0, num_timesteps=4000):
+def improved_recipe(
+    c,
+    *,
+    image_size: int,
+    ch_mult,
+    attn_resolutions,
+    num_res_blocks=3,
+    dropout=0.0,
+    num_timesteps=4000,
+):
     """Improved DDPM (Nichol & Dhariwal 2021): cosine schedule, learned_range variance with
     the hybrid loss, scale-shift norm, 4 attention heads, PyTorch-style padding and a cos-first
     timestep embedding; Adam at 1e-4 without warm-up."""
-    ddpm_recipe(c, image_size=image_size, ch_mult=ch_mult, attn_resolutions=attn_resolutions,
-                dropout=dropout)
+    ddpm_recipe(
+        c,
+        image_size=image_size,
+        ch_mult=ch_mult,
+        attn_resolutions=attn_resolutions,
+        dropout=dropout,
+    )
     m = c.model
     m.num_res_blocks, m.num_heads, m.scale_shift_norm, m.learn_sigma = num_res_blocks, 4, True, True
     m.downsample_padding, m.flip_sin_to_cos, m.freq_shift = 1, True, 0.0
     f = c.diffusion
     f.schedule, f.num_timesteps, f.variance, f.loss_type = (
-        "cosine", num_timesteps, "learned_range", "hybrid")
+        "cosine",
+        num_timesteps,
+        "learned_range",
+        "hybrid",
+    )
     c.optim.lr, c.optim.warmup_steps = 1e-4, 0
     # Improved DDPM's learned variances keep FID with 100 respaced ancestral steps.
     c.sampling.sampler, c.sampling.num_steps = "ddpm", 100

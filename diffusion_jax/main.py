@@ -1,9 +1,9 @@
 """The command line: `diffusion-jax --config=configs/digits.py --workdir=runs/digits`.
 
-    --config=FILE[:ARG]   a Python file with get_config(arg) (ml_collections config_flags)
-    --config.a.b=value    overrides of any field, type-checked against the config
-    --workdir=DIR         where checkpoints, samples, metrics and evaluations go
-    --mode=train|eval|sample
+--config=FILE[:ARG]   a Python file with get_config(arg) (ml_collections config_flags)
+--config.a.b=value    overrides of any field, type-checked against the config
+--workdir=DIR         where checkpoints, samples, metrics and evaluations go
+--mode=train|eval|sample|export
 """
 
 from __future__ import annotations
@@ -20,16 +20,19 @@ from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax.config import ConfigError  # noqa: E402
 
-
-MODES = ("train", "eval", "sample")
+MODES = ("train", "eval", "sample", "export")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:smoke.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/digits.py:smoke.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and metrics.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0, for multi-process runs off Cloud TPU and SLURM.")
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for multi-process runs off Cloud TPU and SLURM.",
+)
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -59,10 +62,14 @@ def main(argv) -> None:
         from diffusion_jax.evaluation.evaluate import evaluate
 
         evaluate(config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == "sample":
         from diffusion_jax.evaluation.evaluate import sample
 
         sample(config, FLAGS.workdir)
+    else:
+        from diffusion_jax.evaluation.evaluate import export_ema
+
+        export_ema(config, FLAGS.workdir)
 
 
 def _one_line_errors(argv):

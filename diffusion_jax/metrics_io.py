@@ -80,8 +80,10 @@ class Progress:
 
     def line(self, done: int, figures: dict) -> str:
         pct = 100.0 * done / max(self.total, 1)
-        return (f"{done}/{self.total} ({pct:.0f}%) {figures['rate']:.2f} {self.unit}/s "
-                f"ETA {format_duration(figures['eta'])}")
+        return (
+            f"{done}/{self.total} ({pct:.0f}%) {figures['rate']:.2f} {self.unit}/s "
+            f"ETA {format_duration(figures['eta'])}"
+        )
 
 
 def to_uint8(images) -> np.ndarray:
@@ -98,8 +100,10 @@ def image_grid(images_uint8: np.ndarray, rows: int | None = None, pad: int = 1) 
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(images_uint8):
         r, col = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
-             pad + col * (w + pad): pad + col * (w + pad) + w] = img
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = img
     return grid
 
 

@@ -126,8 +126,7 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     auto = auto or bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
     if coordinator_address or auto:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        log.info("jax.distributed: process %d of %d", jax.process_index(),
-                     jax.process_count())
+        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def is_main_process() -> bool:
@@ -137,7 +136,11 @@ def is_main_process() -> bool:
 def log_topology(mesh: Mesh, global_batch: int) -> None:
     log.info(
         "process %d/%d: %d local devices, %d global (%s); mesh %s; per-host batch %d",
-        jax.process_index(), jax.process_count(), jax.local_device_count(),
-        jax.device_count(), jax.devices()[0].platform, dict(mesh.shape),
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+        dict(mesh.shape),
         global_batch // jax.process_count(),
     )

@@ -14,16 +14,24 @@ ROOT = Path(__file__).parents[1]
 def run_cli(*args, timeout=600):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
-        [sys.executable, "-m", "diffusion_jax", *args], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", "diffusion_jax", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 @pytest.fixture(scope="module")
 def digits_smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("digits_smoke")
-    result = run_cli("--config=configs/digits.py:smoke", f"--workdir={workdir}",
-                     "--config.model.dropout=0.2", "--config.training.eval_at_end=False")
+    result = run_cli(
+        "--config=configs/digits.py:smoke",
+        f"--workdir={workdir}",
+        "--config.model.dropout=0.2",
+        "--config.training.eval_at_end=False",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
 
@@ -48,21 +56,29 @@ def test_override_is_written_to_config_json(digits_smoke_run):
 
 def test_restart_resumes_from_the_last_checkpoint(digits_smoke_run, tmp_path):
     workdir, _ = digits_smoke_run
-    result = run_cli("--config=configs/digits.py:smoke", f"--workdir={workdir}",
-                     "--config.model.dropout=0.2", "--config.training.num_steps=3",
-                     "--config.training.eval_at_end=False")
+    result = run_cli(
+        "--config=configs/digits.py:smoke",
+        f"--workdir={workdir}",
+        "--config.model.dropout=0.2",
+        "--config.training.num_steps=3",
+        "--config.training.eval_at_end=False",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
 def test_bad_override_names_the_field(tmp_path):
-    result = run_cli("--config=configs/digits.py:smoke", f"--workdir={tmp_path}",
-                     "--config.model.chanels=3")
+    result = run_cli(
+        "--config=configs/digits.py:smoke", f"--workdir={tmp_path}", "--config.model.chanels=3"
+    )
     assert result.returncode != 0
     assert "chanels" in result.stderr
-    result = run_cli("--config=configs/digits.py:smoke", f"--workdir={tmp_path}",
-                     "--config.diffusion.schedule=quadratic")
+    result = run_cli(
+        "--config=configs/digits.py:smoke",
+        f"--workdir={tmp_path}",
+        "--config.diffusion.schedule=quadratic",
+    )
     assert result.returncode == 2
     assert "config.diffusion.schedule" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "checkpoints").exists()
@@ -70,7 +86,8 @@ def test_bad_override_names_the_field(tmp_path):
 
 def test_changed_model_config_refuses_to_resume(digits_smoke_run):
     workdir, _ = digits_smoke_run
-    result = run_cli("--config=configs/digits.py:smoke", f"--workdir={workdir}",
-                     "--config.model.ch=16")
+    result = run_cli(
+        "--config=configs/digits.py:smoke", f"--workdir={workdir}", "--config.model.ch=16"
+    )
     assert result.returncode == 2
     assert "config.model.ch" in result.stderr and "allow_config_change" in result.stderr

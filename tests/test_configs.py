@@ -87,7 +87,9 @@ def smoke_run(config, workdir):
     return loop.train_and_evaluate(config, workdir)
 
 
-@pytest.mark.parametrize("name,arg", [("digits.py", "cond,smoke"), ("cifar10_improved.py", "smoke")])
+@pytest.mark.parametrize(
+    "name,arg", [("digits.py", "cond,smoke"), ("cifar10_improved.py", "smoke")]
+)
 def test_smoke_variant_trains_one_step(tmp_path, name, arg):
     config = load_config(name, arg)
     if config.data.dataset != "digits":
@@ -102,8 +104,13 @@ def test_smoke_variant_trains_one_step(tmp_path, name, arg):
 
 @pytest.mark.parametrize(
     "name,arg",
-    [("cifar10.py", "smoke"), ("cifar10_cond.py", "smoke"), ("celebahq256.py", "smoke"),
-     ("lsun256.py", "bedroom,smoke"), ("imagenet64.py", "smoke")],
+    [
+        ("cifar10.py", "smoke"),
+        ("cifar10_cond.py", "smoke"),
+        ("celebahq256.py", "smoke"),
+        ("lsun256.py", "bedroom,smoke"),
+        ("imagenet64.py", "smoke"),
+    ],
 )
 def test_tfds_recipes_run_one_step_on_mock_data(tmp_path, name, arg):
     config = load_config(name, arg)

@@ -29,8 +29,9 @@ def batch_for(config, seed=0):
     rng = np.random.default_rng(seed)
     d = config.data
     return {
-        "image": rng.uniform(-1, 1, (config.training.batch_size, d.image_size, d.image_size,
-                                     d.channels)).astype(np.float32),
+        "image": rng.uniform(
+            -1, 1, (config.training.batch_size, d.image_size, d.image_size, d.channels)
+        ).astype(np.float32),
         "label": rng.integers(0, 10, config.training.batch_size).astype(np.int32),
     }
 
@@ -40,9 +41,15 @@ def train(config, devices, batches):
     init_key, train_key, _ = loop.run_keys(config)
     run = loop.setup_run(config, init_key, devices)
     state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_key)
-    step = make_train_step(model=run.model, sched=run.sched, config=config,
-                           optimizer=run.optimizer, lr_schedule=run.lr_schedule, mesh=run.mesh,
-                           state_sharding=run.state_sharding)
+    step = make_train_step(
+        model=run.model,
+        sched=run.sched,
+        config=config,
+        optimizer=run.optimizer,
+        lr_schedule=run.lr_schedule,
+        mesh=run.mesh,
+        state_sharding=run.state_sharding,
+    )
     sharding = parallel.batch_sharding(run.mesh)
     metrics = []
     for b in batches:
@@ -61,16 +68,16 @@ def single_device_result():
 def test_sharded_step_equals_single_device(single_device_result, data, fsdp):
     assert jax.device_count() == 8
     config = small_config(**{"mesh.data": data, "mesh.fsdp": fsdp})
-    state, metrics, run = train(config, jax.devices(), [batch_for(config, 0),
-                                                        batch_for(config, 1)])
+    state, metrics, run = train(config, jax.devices(), [batch_for(config, 0), batch_for(config, 1)])
     ref_state, ref_metrics, _ = single_device_result
     for m, r in zip(metrics, ref_metrics, strict=True):
         np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-5)
         np.testing.assert_allclose(m["grad_norm"], r["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ref_state.ema_params),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(state.ema_params), jax.tree.leaves(ref_state.ema_params), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     if fsdp > 1:
         kernel = state.params["up_blocks_0.resnets_0"]["conv1"]["kernel"]  # (3, 3, 64, 32)
@@ -89,8 +96,9 @@ def test_gradient_accumulation_equals_one_large_step():
     accum = small_config(**{"mesh.data": 4, "training.grad_accum": 2})
     state_accum, metrics_accum, _ = train(accum, jax.devices()[:4], batches)
     np.testing.assert_allclose(metrics_accum[0]["loss"], metrics[0]["loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state_accum.params),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(state_accum.params), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
@@ -102,8 +110,16 @@ def test_step_compiles_once():
 
     traced = chex.assert_max_traces(step_lib.train_step, n=1)
     step = jax.jit(
-        lambda s, b, k: traced(s, b, k, model=run.model, sched=run.sched, config=config,
-                               optimizer=run.optimizer, lr_schedule=run.lr_schedule),
+        lambda s, b, k: traced(
+            s,
+            b,
+            k,
+            model=run.model,
+            sched=run.sched,
+            config=config,
+            optimizer=run.optimizer,
+            lr_schedule=run.lr_schedule,
+        ),
         donate_argnums=(0,),
     )
     state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_key)
@@ -117,8 +133,9 @@ def test_nan_batch_is_skipped_and_counted():
     config = small_config(**{"mesh.data": 8})
     bad = batch_for(config, 0)
     bad["image"][0, 0, 0, 0] = np.nan
-    state, metrics, _ = train(config, jax.devices(), [batch_for(config, 1), bad,
-                                                      batch_for(config, 2)])
+    state, metrics, _ = train(
+        config, jax.devices(), [batch_for(config, 1), bad, batch_for(config, 2)]
+    )
     assert [int(m["skipped"]) for m in metrics] == [0, 1, 0]
     assert int(state.skipped_steps) == 1 and int(state.consecutive_skips) == 0
     assert int(state.step) == 3
@@ -136,8 +153,9 @@ def test_ema_update_matches_numpy():
         np.testing.assert_allclose(got[k], 0.9 * ema[k] + 0.1 * params[k])
     for step in [0, 5, 1000]:
         expected = min(0.9999, (1 + step) / (10 + step))
-        np.testing.assert_allclose(float(state_lib.ema_decay_at(step, 0.9999, True)), expected,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            float(state_lib.ema_decay_at(step, 0.9999, True)), expected, rtol=1e-6
+        )
     assert float(state_lib.ema_decay_at(3, 0.9999, False)) == np.float32(0.9999)
 
 
@@ -148,8 +166,9 @@ def test_ema_follows_params_through_steps():
     initial = jax.jit(run.init_fn)(init_key)
     state, _, _ = train(config, jax.devices(), [batch_for(config, 0)])
     leaf = lambda s: np.asarray(s["conv_in"]["kernel"])  # noqa: E731
-    np.testing.assert_allclose(leaf(state.ema_params),
-                               0.5 * leaf(initial.params) + 0.5 * leaf(state.params), rtol=1e-6)
+    np.testing.assert_allclose(
+        leaf(state.ema_params), 0.5 * leaf(initial.params) + 0.5 * leaf(state.params), rtol=1e-6
+    )
 
 
 def test_warmup_then_constant_and_cosine():
@@ -157,13 +176,13 @@ def test_warmup_then_constant_and_cosine():
     o = config.optim
     o.lr, o.warmup_steps = 1e-3, 10
     sched = state_lib.learning_rate_schedule(o, 100)
-    np.testing.assert_allclose([float(sched(s)) for s in (0, 5, 10, 50)],
-                               [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(sched(s)) for s in (0, 5, 10, 50)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6
+    )
     o.decay = "cosine"
     sched = state_lib.learning_rate_schedule(o, 110)
     np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
-    np.testing.assert_allclose(float(sched(60)), 1e-3 * 0.5 * (1 + np.cos(np.pi * 0.5)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(sched(60)), 1e-3 * 0.5 * (1 + np.cos(np.pi * 0.5)), rtol=1e-5)
     assert float(sched(110)) < 1e-9
 
 
@@ -173,8 +192,9 @@ def test_label_dropout_uses_the_null_label():
 
     labels = jnp.zeros((10_000,), jnp.int32) + 3
     batch = {"image": jnp.zeros((10_000, 1, 1, 1)), "label": labels}
-    out = draw_step_inputs(jax.random.key(0), batch, make_schedule("linear", 100),
-                           num_classes=10, cond_drop_prob=0.2)
+    out = draw_step_inputs(
+        jax.random.key(0), batch, make_schedule("linear", 100), num_classes=10, cond_drop_prob=0.2
+    )
     dropped = float((out["labels"] == 10).mean())
     assert abs(dropped - 0.2) < 0.02
     assert set(np.unique(np.asarray(out["labels"]))) == {3, 10}

@@ -23,15 +23,18 @@ def load_digits(split: str, image_size: int = 16) -> tuple[np.ndarray, np.ndarra
     from sklearn.datasets import load_digits as sklearn_digits
 
     if split not in ("train", "test"):
-        raise ValueError(f"config.data.train_split/eval_split: digits has 'train' and 'test', "
-                         f"not {split!r}")
+        raise ValueError(
+            f"config.data.train_split/eval_split: digits has 'train' and 'test', not {split!r}"
+        )
     data = sklearn_digits()
     images = data.images.astype(np.float32) / 16.0
     order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
     idx = order[HELD_OUT:] if split == "train" else order[:HELD_OUT]
-    resized = np.stack([
-        np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.BICUBIC))
-        for img in images[idx]
-    ])
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.BICUBIC))
+            for img in images[idx]
+        ]
+    )
     resized = np.clip(resized, 0.0, 1.0) * 2.0 - 1.0
     return resized[..., None].astype(np.float32), data.target[idx].astype(np.int32)

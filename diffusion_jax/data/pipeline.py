@@ -31,9 +31,7 @@ def load_in_memory(config, split: str) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(1 if split == "train" else 2)
         n = 1024
         images = rng.uniform(-1, 1, (n, d.image_size, d.image_size, d.channels))
-        return images.astype(np.float32), rng.integers(0, max(d.num_classes, 1), n).astype(
-            np.int32
-        )
+        return images.astype(np.float32), rng.integers(0, max(d.num_classes, 1), n).astype(np.int32)
     raise ValueError(f"config.data.dataset={d.dataset!r} is not an in-memory data set")
 
 
@@ -91,17 +89,27 @@ def create_iterator(
     if d.dataset in IN_MEMORY:
         images, labels = load_in_memory(config, split)
         local = in_memory_batches(
-            images, labels, global_batch=global_batch, seed=seed, start_step=start_step,
-            random_flip=train and d.random_flip, process_index=jax.process_index(),
+            images,
+            labels,
+            global_batch=global_batch,
+            seed=seed,
+            start_step=start_step,
+            random_flip=train and d.random_flip,
+            process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
     else:
         from diffusion_jax.data import tfds_source
 
         local = tfds_source.batches(
-            config, split=split, global_batch=global_batch, seed=seed, start_step=start_step,
+            config,
+            split=split,
+            global_batch=global_batch,
+            seed=seed,
+            start_step=start_step,
             train=train,
         )
-    log.info("data: %s/%s from step %d, global batch %d", d.dataset, split, start_step,
-                 global_batch)
+    log.info(
+        "data: %s/%s from step %d, global batch %d", d.dataset, split, start_step, global_batch
+    )
     return (to_global(b, mesh) for b in local)

@@ -51,8 +51,8 @@ def preprocess(image, image_size: int, channels: int, random_flip: bool, seed):
     image = image[top : top + side, left : left + side]
     image = tf.cast(image, tf.float32)
     if image.shape[-1] != channels:
-        image = tf.image.grayscale_to_rgb(image) if channels == 3 else tf.image.rgb_to_grayscale(
-            image
+        image = (
+            tf.image.grayscale_to_rgb(image) if channels == 3 else tf.image.rgb_to_grayscale(image)
         )
     image = tf.image.resize(image, (image_size, image_size), method="area", antialias=True)
     if random_flip:

@@ -45,15 +45,18 @@ def restore_ema(config, workdir, step: int | None):
     manager = checkpointing.make_manager(workdir, read_only=True)
     available = manager.all_steps()
     if not available:
-        raise FileNotFoundError(f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; "
-                                "train first (--mode=train) or set eval.params_file")
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; "
+            "train first (--mode=train) or set eval.params_file"
+        )
     step = max(available) if step is None else step
     if step not in available:
         raise config_lib.ConfigError(
             f"config.eval.checkpoint_step: no checkpoint {step} in {manager.directory} "
-            f"(have {sorted(available)})")
-    state, _ = checkpointing.restore(manager, step, run.abstract_state)
-    return step, state.ema_params, run
+            f"(have {sorted(available)})"
+        )
+    params = checkpointing.restore_ema(manager, step, run.abstract_state.ema_params)
+    return step, params, run
 
 
 def generate(config, run, params, num: int, key, *, labels=None, progress_every: int = 1):
@@ -66,13 +69,16 @@ def generate(config, run, params, num: int, key, *, labels=None, progress_every:
     for i in range(-(-num // batch)):
         batch_labels = None
         if config.model.class_conditional:
-            batch_labels = (labels[done : done + batch] if labels is not None else
-                            jax.random.randint(jax.random.fold_in(key, 10_000 + i), (batch,), 0,
-                                               config.data.num_classes))
+            batch_labels = (
+                labels[done : done + batch]
+                if labels is not None
+                else jax.random.randint(
+                    jax.random.fold_in(key, 10_000 + i), (batch,), 0, config.data.num_classes
+                )
+            )
             if batch_labels.shape[0] < batch:
                 batch_labels = jnp.pad(batch_labels, (0, batch - batch_labels.shape[0]))
-        images = sampling.gather(sample_fn(params, jax.random.fold_in(key, i), batch_labels,
-                                           batch))
+        images = sampling.gather(sample_fn(params, jax.random.fold_in(key, i), batch_labels, batch))
         out.append(metrics_io.to_uint8(images))
         done = min(done + batch, num)
         if (i + 1) % progress_every == 0 or done == num:
@@ -103,10 +109,12 @@ def bits_per_dim(config, run, params, key) -> float:
     """Mean bits/dim of the full variational bound over eval.bpd_num_examples examples of
     data.eval_split (rounded up to whole batches of sampling.batch_size)."""
     f = config.diffusion
-    batch = sampling.padded_batch(min(config.sampling.batch_size, config.eval.bpd_num_examples),
-                                  run.mesh.size)
-    batches = pipeline.create_iterator(config, run.mesh, split=config.data.eval_split,
-                                       global_batch=batch, train=False)
+    batch = sampling.padded_batch(
+        min(config.sampling.batch_size, config.eval.bpd_num_examples), run.mesh.size
+    )
+    batches = pipeline.create_iterator(
+        config, run.mesh, split=config.data.eval_split, global_batch=batch, train=False
+    )
 
     @jax.jit
     def bpd(params, x, labels, key):
@@ -115,15 +123,31 @@ def bits_per_dim(config, run, params, key) -> float:
 
         # The bound is defined on the 256-level grid the data came from.
         x = jnp.round((x + 1.0) * 127.5) / 127.5 - 1.0
-        return dm.bits_per_dim(model_fn, run.sched, x, key, prediction=f.prediction,
-                               variance=f.variance, clip_denoised=True, labels=labels)["bpd"]
+        return dm.bits_per_dim(
+            model_fn,
+            run.sched,
+            x,
+            key,
+            prediction=f.prediction,
+            variance=f.variance,
+            clip_denoised=True,
+            labels=labels,
+        )["bpd"]
 
     labels_used = config.model.class_conditional
     values = []
     for i in range(-(-config.eval.bpd_num_examples // batch)):
         b = next(batches)
-        values.append(sampling.gather(bpd(params, b["image"], b["label"] if labels_used else None,
-                                          jax.random.fold_in(key, i))))
+        values.append(
+            sampling.gather(
+                bpd(
+                    params,
+                    b["image"],
+                    b["label"] if labels_used else None,
+                    jax.random.fold_in(key, i),
+                )
+            )
+        )
     return float(np.concatenate(values).mean())
 
 
@@ -134,19 +158,25 @@ def evaluate_step(config, workdir, step, params, run) -> dict:
     t0 = time.perf_counter()
     images = generate(config, run, params, e.num_samples, key, progress_every=5)
     result = {
-        "step": step, "num_samples": e.num_samples, "sampler": config.sampling.sampler,
-        "sampling_steps": config.sampling.num_steps, "eta": config.sampling.eta,
-        "guidance_scale": config.sampling.guidance_scale, "seed": config.training.seed,
+        "step": step,
+        "num_samples": e.num_samples,
+        "sampler": config.sampling.sampler,
+        "sampling_steps": config.sampling.num_steps,
+        "eta": config.sampling.eta,
+        "guidance_scale": config.sampling.guidance_scale,
+        "seed": config.training.seed,
         "sampling_seconds": round(time.perf_counter() - t0, 2),
     }
     unknown = set(e.metrics) - set(METRICS)
     if unknown:
-        raise config_lib.ConfigError(f"config.eval.metrics: unknown {sorted(unknown)}; "
-                                     f"choose from {METRICS}")
+        raise config_lib.ConfigError(
+            f"config.eval.metrics: unknown {sorted(unknown)}; choose from {METRICS}"
+        )
     if "digits_fd" in e.metrics:
         result.update(digits_scores(config, images))
         result["feature_network"] = "digits_classifier " + metrics.file_hash(
-            digits_classifier.WEIGHTS)
+            digits_classifier.WEIGHTS
+        )
     if "bpd" in e.metrics:
         result["bpd"] = bits_per_dim(config, run, params, jax.random.fold_in(key, 7))
         result["bpd_num_examples"] = e.bpd_num_examples
@@ -172,8 +202,11 @@ def evaluate(config, workdir, steps=None) -> list[dict]:
             path = eval_dir(workdir) / f"step_{step}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2) + "\n")
-            log.info("eval: wrote %s: %s", path, {k: result[k] for k in result
-                                                  if k in METRICS + ("digits_confident",)})
+            log.info(
+                "eval: wrote %s: %s",
+                path,
+                {k: result[k] for k in result if k in METRICS + ("digits_confident",)},
+            )
         results.append(result)
     return results
 
@@ -193,8 +226,11 @@ def sample(config, workdir) -> Path:
     out = out_dir / f"sample_step_{step}"
     if parallel.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(out.with_suffix(".npz"), arr_0=images,
-                 labels=np.asarray(labels) if labels is not None else np.zeros(0, np.int32))
+        np.savez(
+            out.with_suffix(".npz"),
+            arr_0=images,
+            labels=np.asarray(labels) if labels is not None else np.zeros(0, np.int32),
+        )
         rows = config.data.num_classes if config.model.class_conditional else None
         metrics_io.save_grid(out.with_suffix(".png"), uint8_to_model_range(images), rows=rows)
     write_reverse_process(config, run, params, key, out_dir / f"reverse_step_{step}.png")
@@ -212,3 +248,16 @@ def write_reverse_process(config, run, params, key, path, num_images: int = 8, f
     traj = sampling.gather(traj)[:, :num_images]  # (frames, N, H, W, C)
     grid = np.swapaxes(traj, 0, 1).reshape((-1,) + traj.shape[2:])
     metrics_io.save_grid(path, grid, rows=num_images)
+
+
+def export_ema(config, workdir) -> Path:
+    """Writes the EMA parameters of the newest checkpoint (or eval.checkpoint_step) to
+    <workdir>/export/ema_step_<N>.msgpack with the run config beside it (.json)."""
+    config_lib.validate(config, jax.device_count())
+    step_arg = config.eval.checkpoint_step if config.eval.checkpoint_step >= 0 else None
+    step, params, _ = restore_ema(config, workdir, step_arg)
+    path = Path(workdir) / "export" / f"ema_step_{step}.msgpack"
+    if parallel.is_main_process():
+        export.save_params(path, params, config)
+        log.info("export: wrote %s and %s", path, export.config_path(path).name)
+    return path

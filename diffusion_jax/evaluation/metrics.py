@@ -24,11 +24,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     eps is added to both diagonals, and an imaginary part above 1e-3 is an error, as
     pytorch-fid does.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (
+        np.atleast_1d(np.asarray(mu1, np.float64)),
+        np.atleast_1d(np.asarray(mu2, np.float64)),
+    )
+    s1, s2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise ValueError(f"statistics shapes differ: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {s1.shape} vs {s2.shape}")
+        raise ValueError(
+            f"statistics shapes differ: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {s1.shape} vs {s2.shape}"
+        )
     diff = mu1 - mu2
     with warnings.catch_warnings():  # a singular product is handled just below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
@@ -38,7 +46,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: imaginary component {np.max(np.abs(covmean.imag))}")
+            raise ValueError(
+                f"frechet_distance: imaginary component {np.max(np.abs(covmean.imag))}"
+            )
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
@@ -58,9 +68,7 @@ def inception_score(logits: np.ndarray, num_splits: int = 10) -> tuple[float, fl
 
 
 def _pairwise_sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.maximum(
-        (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :], 0.0
-    )
+    return np.maximum((a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :], 0.0)
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
@@ -88,12 +96,15 @@ def load_stats(path) -> dict[str, np.ndarray]:
     sigma)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"reference statistics file {path} does not exist "
-                                "(set eval.reference_stats)")
+        raise FileNotFoundError(
+            f"reference statistics file {path} does not exist (set eval.reference_stats)"
+        )
     with np.load(path) as f:
         if "mu" not in f or "sigma" not in f:
-            raise ValueError(f"{path}: an .npz with arrays 'mu' and 'sigma' is expected, "
-                             f"found {sorted(f.keys())}")
+            raise ValueError(
+                f"{path}: an .npz with arrays 'mu' and 'sigma' is expected, "
+                f"found {sorted(f.keys())}"
+            )
         return {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64)}
 
 

@@ -37,10 +37,19 @@ def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None):
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, parallel.batch_sharding(mesh))
         return dm.sample(
-            model_fn, sched, key, x_T=x_T, sampler=s.sampler, num_steps=s.num_steps,
-            spacing=s.spacing or None, eta=s.eta, prediction=config.diffusion.prediction,
-            variance=config.diffusion.variance, clip_denoised=s.clip_denoised,
-            labels=labels, guidance_scale=guidance if labels is not None else None,
+            model_fn,
+            sched,
+            key,
+            x_T=x_T,
+            sampler=s.sampler,
+            num_steps=s.num_steps,
+            spacing=s.spacing or None,
+            eta=s.eta,
+            prediction=config.diffusion.prediction,
+            variance=config.diffusion.variance,
+            clip_denoised=s.clip_denoised,
+            labels=labels,
+            guidance_scale=guidance if labels is not None else None,
             return_x0_at=return_x0_at,
         )
 
@@ -59,7 +68,6 @@ def grid_labels(config, num: int):
 def padded_batch(num: int, num_devices: int) -> int:
     """The smallest batch >= num that splits evenly over the devices."""
     return -(-num // num_devices) * num_devices
-
 
 
 def gather(x) -> np.ndarray:

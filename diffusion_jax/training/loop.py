@@ -95,8 +95,7 @@ def setup_run(config, init_key, devices=None) -> RunSetup:
         mesh, abstract_state, abstract_state.params, parallel.logical_axes_tree(boxed_params)
     )
     abstract = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
-    return RunSetup(mesh, model, sched, optimizer, lr_schedule, init_fn, abstract,
-                    state_sharding)
+    return RunSetup(mesh, model, sched, optimizer, lr_schedule, init_fn, abstract, state_sharding)
 
 
 def run_keys(config):
@@ -156,24 +155,31 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
 
     # The state, created or restored already sharded: no host holds all of it.
     manager = checkpointing.make_manager(workdir, max_to_keep=t_cfg.max_to_keep)
-    latest = checkpointing.latest_step(manager)
-    if latest is None:
+    _, state, _ = checkpointing.restore_latest(manager, run.abstract_state)
+    if state is None:
         state = jax.jit(run.init_fn, out_shardings=state_sharding)(init_key)
-    else:
-        state, _ = checkpointing.restore(manager, latest, run.abstract_state)
     write_config(config, workdir)
     start = int(state.step)
     num_params = sum(x.size for x in jax.tree.leaves(run.abstract_state.params))
-    log.info("model: %s parameters; training steps %d -> %d", f"{num_params:,}", start,
-                 t_cfg.num_steps)
+    log.info(
+        "model: %s parameters; training steps %d -> %d", f"{num_params:,}", start, t_cfg.num_steps
+    )
 
     train_step = make_train_step(
-        model=run.model, sched=run.sched, config=config, optimizer=run.optimizer,
-        lr_schedule=run.lr_schedule, mesh=mesh, state_sharding=state_sharding,
+        model=run.model,
+        sched=run.sched,
+        config=config,
+        optimizer=run.optimizer,
+        lr_schedule=run.lr_schedule,
+        mesh=mesh,
+        state_sharding=state_sharding,
     )
     sample_fn = sampling.make_sample_fn(run.model, run.sched, config, mesh)
     batches = pipeline.create_iterator(
-        config, mesh, split=config.data.train_split, global_batch=t_cfg.batch_size,
+        config,
+        mesh,
+        split=config.data.train_split,
+        global_batch=t_cfg.batch_size,
         start_step=start,
     )
     writer = metrics_io.MetricWriter(workdir)
@@ -193,14 +199,22 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
                 scalars = jax.device_get(metrics)
                 scalars.pop("skipped")
                 skipped = int(state.skipped_steps)
-                writer.write(step, {
-                    **scalars, "steps_per_sec": figures["rate"],
-                    "images_per_sec": figures["rate"] * t_cfg.batch_size,
-                    "skipped_steps": skipped,
-                })
-                log.info("step %s | loss %.4f | grad norm %.3f | skipped %d",
-                             progress.line(step, figures), scalars["loss"], scalars["grad_norm"],
-                             skipped)
+                writer.write(
+                    step,
+                    {
+                        **scalars,
+                        "steps_per_sec": figures["rate"],
+                        "images_per_sec": figures["rate"] * t_cfg.batch_size,
+                        "skipped_steps": skipped,
+                    },
+                )
+                log.info(
+                    "step %s | loss %.4f | grad norm %.3f | skipped %d",
+                    progress.line(step, figures),
+                    scalars["loss"],
+                    scalars["grad_norm"],
+                    skipped,
+                )
                 if int(state.consecutive_skips) >= t_cfg.max_consecutive_nonfinite:
                     manager.wait_until_finished()
                     raise NonFiniteError(
@@ -209,9 +223,14 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
                         "optim.lr, check the data, or raise training.max_consecutive_nonfinite"
                     )
             if step % t_cfg.sample_every == 0 or last:
-                write_samples(sample_fn, state.ema_params, config, mesh,
-                              jax.random.fold_in(sample_key, step),
-                              workdir / "samples" / f"step_{step}.png")
+                write_samples(
+                    sample_fn,
+                    state.ema_params,
+                    config,
+                    mesh,
+                    jax.random.fold_in(sample_key, step),
+                    workdir / "samples" / f"step_{step}.png",
+                )
             if step % t_cfg.ckpt_every == 0 or last or preemption.requested:
                 save(step)
             if preemption.requested:

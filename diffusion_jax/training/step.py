@@ -38,12 +38,24 @@ def loss_fn(params, inputs, dropout_key, *, model, sched, diffusion_cfg, train: 
     f = diffusion_cfg
     x_t = dm.q_sample(sched, inputs["x0"], inputs["t"], inputs["noise"])
     out = model.apply(
-        {"params": params}, x_t, inputs["t"], inputs["labels"], train=train,
+        {"params": params},
+        x_t,
+        inputs["t"],
+        inputs["labels"],
+        train=train,
         rngs={"dropout": dropout_key},
     )
     loss, terms = dm.diffusion_loss(
-        sched, out, inputs["x0"], x_t, inputs["t"], inputs["noise"], prediction=f.prediction,
-        variance=f.variance, loss_type=f.loss_type, weighting=f.loss_weighting,
+        sched,
+        out,
+        inputs["x0"],
+        x_t,
+        inputs["t"],
+        inputs["noise"],
+        prediction=f.prediction,
+        variance=f.variance,
+        loss_type=f.loss_type,
+        weighting=f.loss_weighting,
         min_snr_gamma=f.min_snr_gamma,
     )
     return loss.mean(), {k: v.mean() for k, v in terms.items()}
@@ -92,12 +104,20 @@ def train_step(
     k_inputs, k_dropout = jax.random.split(key)
     num_classes = config.data.num_classes if config.model.class_conditional else 0
     inputs = draw_step_inputs(
-        k_inputs, batch, sched, num_classes=num_classes,
+        k_inputs,
+        batch,
+        sched,
+        num_classes=num_classes,
         cond_drop_prob=config.training.cond_drop_prob,
     )
     loss, terms, grads = compute_grads(
-        state.params, inputs, k_dropout, grad_accum=config.training.grad_accum, model=model,
-        sched=sched, diffusion_cfg=config.diffusion,
+        state.params,
+        inputs,
+        k_dropout,
+        grad_accum=config.training.grad_accum,
+        model=model,
+        sched=sched,
+        diffusion_cfg=config.diffusion,
     )
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -133,7 +153,11 @@ def make_train_step(*, model, sched, config, optimizer, lr_schedule, mesh, state
     """`train_step` as one `jax.jit` over the mesh: the state keeps its (FSDP) sharding and is
     donated, the batch is split over every device, metrics come back replicated."""
     step = functools.partial(
-        train_step, model=model, sched=sched, config=config, optimizer=optimizer,
+        train_step,
+        model=model,
+        sched=sched,
+        config=config,
+        optimizer=optimizer,
         lr_schedule=lr_schedule,
     )
     return jax.jit(
