@@ -38,6 +38,18 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def enable_compilation_cache() -> None:
+    """Repeated runs reuse compiled programs: JAX's persistent cache, in
+    $JAX_COMPILATION_CACHE_DIR or ~/.cache/diffusion_jax/xla."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        path = os.path.expanduser("~/.cache/diffusion_jax/xla")
+        jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -46,6 +58,7 @@ def main(argv) -> None:
     logging.getLogger("diffusion_jax").setLevel(logging.INFO)
     from diffusion_jax import parallel
 
+    enable_compilation_cache()
     parallel.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )

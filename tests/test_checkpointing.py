@@ -64,20 +64,20 @@ def restore_host(workdir, step):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    steps = ["--config.training.num_steps=30", "--config.training.ckpt_every=10"]
+    steps = ["--config.training.num_steps=20", "--config.training.ckpt_every=5"]
     straight = tmp_path / "straight"
     run_cli(straight, *steps)
 
     killed = tmp_path / "killed"
     cmd, env = cli(killed, *steps)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: 10 in committed_steps(killed), proc)
+    wait_for(lambda: 5 in committed_steps(killed), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert max(committed_steps(killed)) < 30
+    assert max(committed_steps(killed)) < 20
     run_cli(killed, *steps)
 
-    a, b = restore_host(straight, 30), restore_host(killed, 30)
+    a, b = restore_host(straight, 20), restore_host(killed, 20)
     for key in ("params", "ema_params", "opt_state"):
         for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key]), strict=True):
             np.testing.assert_array_equal(x, y)

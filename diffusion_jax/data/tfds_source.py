@@ -29,16 +29,12 @@ def prepare_command(name: str, data_dir: str) -> str:
     return f"tfds build {name}{target}"
 
 
-def check_prepared(name: str, data_dir: str) -> None:
-    """Fails in well under a second, naming the data set, the data_dir and the fix."""
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    if not builder.is_prepared():
-        raise FileNotFoundError(
-            f"data set {name!r} is not prepared in data_dir={builder.data_dir_root!r}; prepare "
-            f"it with `{prepare_command(name, data_dir)}` or set --config.data.download=True"
-        )
+def not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return FileNotFoundError(
+        f"data set {name!r} is not prepared in data_dir={where!r}; prepare it with "
+        f"`{prepare_command(name, data_dir)}` or set --config.data.download=True"
+    )
 
 
 def preprocess(image, image_size: int, channels: int, random_flip: bool, seed):
@@ -73,18 +69,21 @@ def batches(
 
     tf = _tf()
     d = config.data
-    if not d.download:
-        check_prepared(d.dataset, d.data_dir)
     per_host = global_batch // jax.process_count()
     read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)
-    ds = tfds.load(
-        d.dataset,
-        split=tfds.split_for_jax_process(split, drop_remainder=True),
-        data_dir=d.data_dir or None,
-        download=bool(d.download),
-        shuffle_files=train,
-        read_config=read_config,
-    )
+    try:
+        ds = tfds.load(
+            d.dataset,
+            split=tfds.split_for_jax_process(split, drop_remainder=True),
+            data_dir=d.data_dir or None,
+            download=bool(d.download),
+            shuffle_files=train,
+            read_config=read_config,
+        )
+    except AssertionError as e:  # tfds's way of saying the files are not there
+        if "could not find data" not in str(e):
+            raise
+        raise not_prepared_error(d.dataset, d.data_dir) from None
     has_label = "label" in ds.element_spec
     flip = train and d.random_flip
 

@@ -20,12 +20,13 @@ from diffusion_jax import checkpointing, export, metrics_io, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.data import pipeline
-from diffusion_jax.evaluation import digits_classifier, metrics, sampling
+from diffusion_jax.evaluation import digits_classifier, inception, metrics, sampling
 from diffusion_jax.training import loop
 
 log = logging.getLogger(__name__)
 
-METRICS = ("digits_fd", "bpd")
+METRICS = ("digits_fd", "bpd", "fid", "is", "precision", "recall")
+INCEPTION_METRICS = ("fid", "is", "precision", "recall")
 
 
 def eval_dir(workdir) -> Path:
@@ -105,6 +106,44 @@ def digits_scores(config, images_uint8: np.ndarray) -> dict:
     return {"digits_fd": fd, "digits_confident": confident}
 
 
+def inception_scores(config, images_uint8: np.ndarray, mesh) -> dict:
+    """FID against eval.reference_stats, Inception Score (10 splits) and improved
+    precision/recall (k=3, against the reference file's images) with the FID InceptionV3."""
+    e = config.eval
+    wanted = [m for m in e.metrics if m in INCEPTION_METRICS]
+    weights = e.inception_weights
+    if not weights:
+        raise config_lib.ConfigError(
+            f"config.eval.inception_weights: needed for {wanted}; download "
+            f"{inception.WEIGHTS_URL} and pass its path"
+        )
+    params = inception.load_params(weights)
+    feats, logits = inception.fid_features_and_logits(params, images_uint8, mesh=mesh)
+    out = {
+        "inception_weights": Path(weights).name,
+        "inception_weights_sha256": metrics.file_hash(weights),
+    }
+    if "is" in wanted:
+        out["is"], out["is_std"] = metrics.inception_score(logits, num_splits=10)
+    if "fid" in wanted or "precision" in wanted or "recall" in wanted:
+        if not e.reference_stats:
+            raise config_lib.ConfigError(
+                "config.eval.reference_stats: needed for FID; make one with `python -m "
+                "diffusion_jax.evaluation.reference_stats` or use guided-diffusion's batch"
+            )
+        reference = metrics.load_stats(e.reference_stats)
+        out["reference_stats"] = Path(e.reference_stats).name
+        out["reference_stats_sha256"] = metrics.file_hash(e.reference_stats)
+        if "fid" in wanted:
+            out["fid"] = metrics.frechet_distance(
+                *metrics.statistics(feats), reference["mu"], reference["sigma"]
+            )
+        if "precision" in wanted or "recall" in wanted:
+            real = metrics.reference_features(e.reference_stats, params, mesh)
+            out["precision"], out["recall"] = metrics.precision_recall(real, feats, k=3)
+    return out
+
+
 def bits_per_dim(config, run, params, key) -> float:
     """Mean bits/dim of the full variational bound over eval.bpd_num_examples examples of
     data.eval_split (rounded up to whole batches of sampling.batch_size)."""
@@ -177,6 +216,8 @@ def evaluate_step(config, workdir, step, params, run) -> dict:
         result["feature_network"] = "digits_classifier " + metrics.file_hash(
             digits_classifier.WEIGHTS
         )
+    if any(m in INCEPTION_METRICS for m in e.metrics):
+        result.update(inception_scores(config, images, run.mesh))
     if "bpd" in e.metrics:
         result["bpd"] = bits_per_dim(config, run, params, jax.random.fold_in(key, 7))
         result["bpd_num_examples"] = e.bpd_num_examples

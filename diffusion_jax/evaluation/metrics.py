@@ -108,8 +108,26 @@ def load_stats(path) -> dict[str, np.ndarray]:
         return {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64)}
 
 
-def save_stats(path, mu, sigma) -> None:
-    np.savez(path, mu=mu, sigma=sigma)
+def save_stats(path, mu, sigma, features=None) -> None:
+    """mu, sigma (and optionally the features, for precision/recall) as an .npz."""
+    extra = {} if features is None else {"features": np.asarray(features, np.float32)}
+    np.savez(path, mu=mu, sigma=sigma, **extra)
+
+
+def reference_features(path, inception_params, mesh=None, max_count: int = 10_000):
+    """Real features for precision/recall: the `features` array of our statistics files, or
+    the Inception features of guided-diffusion's reference images (`arr_0`, uint8 NHWC)."""
+    with np.load(path) as f:
+        if "features" in f:
+            return f["features"][:max_count]
+        if "arr_0" in f:
+            from diffusion_jax.evaluation import inception
+
+            return inception.fid_features(inception_params, f["arr_0"][:max_count], mesh=mesh)
+    raise ValueError(
+        f"{path}: precision/recall need reference 'features' or images 'arr_0'; "
+        "recompute it with `python -m diffusion_jax.evaluation.reference_stats`"
+    )
 
 
 def file_hash(path) -> str:

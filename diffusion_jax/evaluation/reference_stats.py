@@ -1,0 +1,94 @@
+"""Reference statistics for FID: mu and sigma of the FID Inception's pool3 features (and the
+features themselves, for precision/recall) of a tfds split or a folder of images.
+
+    python -m diffusion_jax.evaluation.reference_stats --config=configs/cifar10.py \\
+        --split=train --out=cifar10_train.npz \\
+        --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
+    python -m diffusion_jax.evaluation.reference_stats --config=configs/cifar10.py \\
+        --folder=my_images/ --out=my_images.npz --config.eval.inception_weights=...
+
+Images go through the same uint8 quantisation as generated samples; a tfds split is read in
+full (no flips), a folder's PNG/JPEG files in sorted order.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
+
+from diffusion_jax import metrics_io, parallel
+from diffusion_jax.evaluation import inception, metrics
+
+log = logging.getLogger(__name__)
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The run config (data and eval sections).")
+flags.DEFINE_string("split", None, "tfds split, e.g. train or test[:10000].")
+flags.DEFINE_string("folder", None, "A folder of PNG/JPEG images instead of a tfds split.")
+flags.DEFINE_string("out", None, "Output .npz with mu, sigma, features.")
+flags.DEFINE_integer("max_images", 50_000, "Use at most this many images.")
+
+
+def folder_images(folder, image_size: int, channels: int, max_images: int) -> np.ndarray:
+    files = sorted(
+        p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+    )[:max_images]
+    if not files:
+        raise FileNotFoundError(f"no PNG/JPEG images in {folder}")
+    mode = "L" if channels == 1 else "RGB"
+    images = [
+        np.asarray(Image.open(p).convert(mode).resize((image_size, image_size), Image.BICUBIC))
+        for p in files
+    ]
+    images = np.stack(images)
+    return images[..., None] if channels == 1 else images
+
+
+def split_images(config, split: str, max_images: int) -> np.ndarray:
+    from diffusion_jax.data import tfds_source
+
+    batches = tfds_source.batches(
+        config, split=split, global_batch=500, seed=0, start_step=0, train=False
+    )
+    out, count = [], 0
+    for batch in batches:
+        out.append(metrics_io.to_uint8(batch["image"]))
+        count += len(batch["image"])
+        if count >= max_images:
+            break
+    return np.concatenate(out)[:max_images]
+
+
+def compute(config, images_uint8: np.ndarray, out) -> None:
+    params = inception.load_params(config.eval.inception_weights)
+    mesh = parallel.make_mesh(config)
+    feats = inception.fid_features(params, images_uint8, mesh=mesh)
+    mu, sigma = metrics.statistics(feats)
+    metrics.save_stats(out, mu, sigma, features=feats[:10_000])
+    log.info("wrote %s from %d images", out, len(images_uint8))
+
+
+def main(argv) -> None:
+    del argv
+    logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+    config = FLAGS.config
+    if not FLAGS.out or bool(FLAGS.split) == bool(FLAGS.folder):
+        raise app.UsageError("give --out and exactly one of --split, --folder")
+    if FLAGS.folder:
+        images = folder_images(
+            FLAGS.folder, config.data.image_size, config.data.channels, FLAGS.max_images
+        )
+    else:
+        images = split_images(config, FLAGS.split, FLAGS.max_images)
+    compute(config, images, FLAGS.out)
+    print(f"wrote {FLAGS.out} ({len(images)} images, {jax.device_count()} devices)")
+
+
+if __name__ == "__main__":
+    app.run(main, argv=sys.argv)
