@@ -62,6 +62,8 @@ def main(argv) -> None:
     parallel.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
+    if not parallel.is_main_process():  # one voice for the whole job
+        logging.getLogger("diffusion_jax").setLevel(logging.WARNING)
     config = FLAGS.config
     if FLAGS.mode == "train":
         from diffusion_jax.training.loop import train_and_evaluate

@@ -37,11 +37,29 @@ def make_mesh(config, devices=None) -> Mesh:
     """
     devices = jax.devices() if devices is None else devices
     shape = config_lib.mesh_shape(config, len(devices))
+    num_slices = _num_granules(devices)
     try:
-        grid = mesh_utils.create_device_mesh(shape, devices)
-    except (ValueError, AssertionError, NotImplementedError):
+        if num_slices > 1 and shape[0] % num_slices == 0:
+            # Several GPU nodes (or TPU slices): 'data' spans them over the slower network,
+            # 'fsdp' stays inside one, on NVLink / ICI.
+            grid = mesh_utils.create_hybrid_device_mesh(
+                (shape[0] // num_slices, shape[1]), (num_slices, 1), devices
+            )
+        else:
+            grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, AssertionError, NotImplementedError, AttributeError):
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, (DATA, FSDP))
+
+
+def _num_granules(devices) -> int:
+    """Number of TPU slices, or of processes for GPUs (one per node); 1 on CPU."""
+    platform = devices[0].platform
+    if platform == "tpu" and hasattr(devices[0], "slice_index"):
+        return len({d.slice_index for d in devices})
+    if platform == "gpu":
+        return len({d.process_index for d in devices})
+    return 1
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -114,8 +132,9 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     """Starts `jax.distributed` when this is one process of several.
 
     Explicit flags win; otherwise JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID from the environment; otherwise on Cloud TPU pods and under SLURM JAX
-    finds everything itself. A single process on one machine needs none of it.
+    JAX_PROCESS_ID from the environment; otherwise, under SLURM with several tasks or with
+    DIFFUSION_JAX_DISTRIBUTED=1 (Cloud TPU pods), JAX finds everything itself. A single
+    process on one machine needs none of it.
     """
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
@@ -123,8 +142,11 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
     auto = "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
-    auto = auto or bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    auto = auto or os.environ.get("DIFFUSION_JAX_DISTRIBUTED") == "1"  # set by tpu_pod.sh
     if coordinator_address or auto:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            # Collectives across processes on CPU (the local dress rehearsal) go over gloo.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 

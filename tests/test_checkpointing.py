@@ -12,12 +12,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from helpers import tiny_config
 
 from diffusion_jax import checkpointing, export, parallel
 from diffusion_jax.config import ConfigError
 from diffusion_jax.training import loop
-from diffusion_jax.training.step import make_train_step
 
 ROOT = Path(__file__).parents[1]
 SMOKE = [
@@ -29,7 +29,7 @@ SMOKE = [
 
 
 def cli(workdir, *extra):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     return [sys.executable, "-m", "diffusion_jax", f"--workdir={workdir}", *SMOKE, *extra], env
 
 
@@ -100,16 +100,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def trained_state(config, devices, num_steps=1):
     init_key, train_key, _ = loop.run_keys(config)
     run = loop.setup_run(config, init_key, devices)
-    state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_key)
-    step = make_train_step(
-        model=run.model,
-        sched=run.sched,
-        config=config,
-        optimizer=run.optimizer,
-        lr_schedule=run.lr_schedule,
-        mesh=run.mesh,
-        state_sharding=run.state_sharding,
-    )
+    state, step = run.init_state(init_key), run.make_step()
     rng = np.random.default_rng(0)
     for _ in range(num_steps):
         batch = {

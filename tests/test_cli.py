@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST_COMPILE
 
 ROOT = Path(__file__).parents[1]
 
 
 def run_cli(*args, timeout=600):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
         [sys.executable, "-m", "diffusion_jax", *args],
         cwd=ROOT,

@@ -11,7 +11,6 @@ from helpers import tiny_config
 from diffusion_jax import parallel
 from diffusion_jax.training import loop
 from diffusion_jax.training import state as state_lib
-from diffusion_jax.training.step import make_train_step
 
 
 def small_config(**overrides):
@@ -40,16 +39,7 @@ def train(config, devices, batches):
     """State and metrics after one step per batch on a mesh over `devices`."""
     init_key, train_key, _ = loop.run_keys(config)
     run = loop.setup_run(config, init_key, devices)
-    state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_key)
-    step = make_train_step(
-        model=run.model,
-        sched=run.sched,
-        config=config,
-        optimizer=run.optimizer,
-        lr_schedule=run.lr_schedule,
-        mesh=run.mesh,
-        state_sharding=run.state_sharding,
-    )
+    state, step = run.init_state(init_key), run.make_step()
     sharding = parallel.batch_sharding(run.mesh)
     metrics = []
     for b in batches:
@@ -122,7 +112,7 @@ def test_step_compiles_once():
         ),
         donate_argnums=(0,),
     )
-    state = jax.jit(run.init_fn, out_shardings=run.state_sharding)(init_key)
+    state = run.init_state(init_key)
     for seed in range(3):
         state, _ = step(state, batch_for(config, seed), train_key)
     assert int(state.step) == 3

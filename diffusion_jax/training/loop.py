@@ -81,6 +81,23 @@ class RunSetup(NamedTuple):
     init_fn: Any
     abstract_state: Any  # jax.ShapeDtypeStruct leaves with .sharding
     state_sharding: Any
+    config: Any
+
+    def init_state(self, init_key) -> state_lib.TrainState:
+        """A fresh state, created already sharded: no host ever holds all of it."""
+        return jax.jit(self.init_fn, out_shardings=self.state_sharding)(init_key)
+
+    def make_step(self):
+        """The jitted, sharded, state-donating train step of this run."""
+        return make_train_step(
+            model=self.model,
+            sched=self.sched,
+            config=self.config,
+            optimizer=self.optimizer,
+            lr_schedule=self.lr_schedule,
+            mesh=self.mesh,
+            state_sharding=self.state_sharding,
+        )
 
 
 def setup_run(config, init_key, devices=None) -> RunSetup:
@@ -95,12 +112,62 @@ def setup_run(config, init_key, devices=None) -> RunSetup:
         mesh, abstract_state, abstract_state.params, parallel.logical_axes_tree(boxed_params)
     )
     abstract = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
-    return RunSetup(mesh, model, sched, optimizer, lr_schedule, init_fn, abstract, state_sharding)
+    return RunSetup(
+        mesh, model, sched, optimizer, lr_schedule, init_fn, abstract, state_sharding, config
+    )
 
 
 def run_keys(config):
     """(init, train, sample) keys, all from config.training.seed."""
     return jax.random.split(jax.random.key(config.training.seed), 3)
+
+
+GIB = 2**30
+
+
+def compile_and_plan_memory(train_step, state, config, mesh, train_key):
+    """Compiles the step ahead of time, logs its memory per device, and refuses a run that
+    will not fit the device with the number and the knobs to turn (instead of an XLA OOM)."""
+    d = config.data
+    batch = {
+        "image": jax.ShapeDtypeStruct(
+            (config.training.batch_size, d.image_size, d.image_size, d.channels),
+            jnp.float32,
+            sharding=parallel.batch_sharding(mesh),
+        ),
+        "label": jax.ShapeDtypeStruct(
+            (config.training.batch_size,), jnp.int32, sharding=parallel.batch_sharding(mesh)
+        ),
+    }
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch, train_key).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        needed = (
+            analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes
+        )
+        log.info(
+            "train step: compiled in %.1fs; %.1f MiB per device (%.1f MiB state and "
+            "batch, %.1f MiB temporaries)",
+            time.perf_counter() - t0,
+            needed / 2**20,
+            analysis.argument_size_in_bytes / 2**20,
+            analysis.temp_size_in_bytes / 2**20,
+        )
+        device = jax.local_devices()[0]
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if limit and needed > limit:
+            raise config_lib.ConfigError(
+                f"config.training.batch_size: the train step needs {needed / GIB:.2f} GiB per "
+                f"device but {device.device_kind} has {limit / GIB:.2f} GiB; "
+                "lower training.batch_size, raise training.grad_accum or mesh.fsdp, or set "
+                "model.remat=True / model.dtype=bfloat16"
+            )
+    return compiled
 
 
 class Preemption:
@@ -150,14 +217,14 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     # Mesh, model and the abstract sharded state.
     init_key, train_key, sample_key = run_keys(config)
     run = setup_run(config, init_key)
-    mesh, state_sharding = run.mesh, run.state_sharding
+    mesh = run.mesh
     parallel.log_topology(mesh, t_cfg.batch_size)
 
     # The state, created or restored already sharded: no host holds all of it.
     manager = checkpointing.make_manager(workdir, max_to_keep=t_cfg.max_to_keep)
     _, state, _ = checkpointing.restore_latest(manager, run.abstract_state)
     if state is None:
-        state = jax.jit(run.init_fn, out_shardings=state_sharding)(init_key)
+        state = run.init_state(init_key)
     write_config(config, workdir)
     start = int(state.step)
     num_params = sum(x.size for x in jax.tree.leaves(run.abstract_state.params))
@@ -165,15 +232,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
         "model: %s parameters; training steps %d -> %d", f"{num_params:,}", start, t_cfg.num_steps
     )
 
-    train_step = make_train_step(
-        model=run.model,
-        sched=run.sched,
-        config=config,
-        optimizer=run.optimizer,
-        lr_schedule=run.lr_schedule,
-        mesh=mesh,
-        state_sharding=state_sharding,
-    )
+    train_step = compile_and_plan_memory(run.make_step(), state, config, mesh, train_key)
     sample_fn = sampling.make_sample_fn(run.model, run.sched, config, mesh)
     batches = pipeline.create_iterator(
         config,
