@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.eval_split = "test"
     d.random_flip = False
     d.download = False  # tfds download_and_prepare when the data set is missing
+    d.dequantize = False  # uniform dequantization of 8-bit pixels in training (likelihood)
     d.shuffle_buffer = 10_000
 
     c.model = m = ml_collections.ConfigDict()

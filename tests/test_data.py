@@ -228,3 +228,36 @@ def test_missing_dataset_fails_fast_with_the_fix(tmp_path):
     message = str(info.value)
     assert "'cifar10'" in message and str(tmp_path / "nothing") in message
     assert "tfds build cifar10" in message and "data.download=True" in message
+
+
+def test_uniform_dequantization():
+    import tensorflow as tf
+
+    image = tf.constant(np.full((8, 8, 3), 128, np.uint8))
+    out = np.asarray(
+        tfds_source.preprocess(image, 8, 3, False, tf.constant([0, 3], tf.int64), dequantize=True)
+    )
+    # (128 + u) / 128 - 1 with u in [0, 1): strictly inside the bin, not on the grid.
+    assert out.min() >= 0.0 and out.max() < 1.0 / 128 and out.std() > 1e-4
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["cats", "dogs"]):
+        (tmp_path / name).mkdir()
+        for i in range(25):
+            pixels = rng.integers(0, 256, (20 + c, 30, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i:03d}.png")
+    config = tfds_config("folder", str(tmp_path), image_size=8, channels=3)
+    train_x, train_y = pipeline.load_in_memory(config, "train")
+    test_x, test_y = pipeline.load_in_memory(config, "test")
+    assert len(train_x) + len(test_x) == 50 and len(test_x) == 3
+    assert train_x.shape[1:] == (8, 8, 3) and train_x.min() >= -1 and train_x.max() <= 1
+    assert set(train_y) == {0, 1}
+    mesh = parallel.make_mesh(base_config(), jax.devices()[:2])
+    batch = next(pipeline.create_iterator(config, mesh, split="train", global_batch=4))
+    assert batch["image"].shape == (4, 8, 8, 3)
+    with pytest.raises(FileNotFoundError, match="config.data.data_dir"):
+        pipeline.load_in_memory(tfds_config("folder", str(tmp_path / "none")), "train")

@@ -169,8 +169,12 @@ def test_npz_conversion(seeded_params, tmp_path):
     np.testing.assert_array_equal(read["fc.bias"], state["fc.bias"])
 
 
-def test_reads_a_file_torch_wrote():
-    state = torch_pickle.load_state_dict(FIXTURES / "torch_small_state_dict.pth")
+@pytest.mark.parametrize(
+    "name", ["torch_small_state_dict.pth", "torch_small_state_dict_legacy.pth"]
+)
+def test_reads_a_file_torch_wrote(name):
+    """Zip format (torch >= 1.6) and the legacy format of files published before 2020."""
+    state = torch_pickle.load_state_dict(FIXTURES / name)
     np.testing.assert_array_equal(
         state["conv.weight"], np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
     )

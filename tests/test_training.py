@@ -188,3 +188,19 @@ def test_label_dropout_uses_the_null_label():
     dropped = float((out["labels"] == 10).mean())
     assert abs(dropped - 0.2) < 0.02
     assert set(np.unique(np.asarray(out["labels"]))) == {3, 10}
+
+
+def test_a_run_that_does_not_fit_stops_with_the_figure_and_the_knobs(monkeypatch):
+    """The compiled step's memory against the device's limit, before the first step."""
+    config = small_config(**{"mesh.data": 8})
+    init_key, train_key, _ = loop.run_keys(config)
+    run = loop.setup_run(config, init_key)
+    state = run.init_state(init_key)
+    device = type(jax.local_devices()[0])
+    monkeypatch.setattr(device, "memory_stats", lambda self: {"bytes_limit": 1024})
+    with pytest.raises(
+        ValueError,
+        match=r"needs \d+\.\d+ GiB per device .* has 0\.00 GiB.*"
+        r"model.remat=True",
+    ):
+        loop.compile_and_plan_memory(run.make_step(), state, config, run.mesh, train_key)

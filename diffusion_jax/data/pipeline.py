@@ -15,11 +15,11 @@ import jax
 import numpy as np
 
 from diffusion_jax import parallel
-from diffusion_jax.data import digits
+from diffusion_jax.data import digits, folder
 
 log = logging.getLogger(__name__)
 
-IN_MEMORY = ("digits", "synthetic")
+IN_MEMORY = ("digits", "synthetic", "folder")
 
 
 def load_in_memory(config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -27,6 +27,8 @@ def load_in_memory(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     d = config.data
     if d.dataset == "digits":
         return digits.load_digits(split, d.image_size)
+    if d.dataset == "folder":
+        return folder.load_folder(d.data_dir, split, d.image_size, d.channels)
     if d.dataset == "synthetic":
         rng = np.random.default_rng(1 if split == "train" else 2)
         n = 1024

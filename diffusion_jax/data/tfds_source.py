@@ -37,9 +37,12 @@ def not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
     )
 
 
-def preprocess(image, image_size: int, channels: int, random_flip: bool, seed):
+def preprocess(
+    image, image_size: int, channels: int, random_flip: bool, seed, dequantize: bool = False
+):
     """uint8 (h, w, c) -> float32 (S, S, channels) in [-1, 1]: a central square crop, an
-    antialiased area resize to S (as the 256x256 recipes), and an optional random flip."""
+    antialiased area resize to S (as the 256x256 recipes), an optional random flip, and
+    optional uniform dequantization x -> (x + u) / 128 - 1, u ~ U[0, 1) (likelihood training)."""
     tf = _tf()
     shape = tf.shape(image)
     side = tf.minimum(shape[0], shape[1])
@@ -53,6 +56,9 @@ def preprocess(image, image_size: int, channels: int, random_flip: bool, seed):
     image = tf.image.resize(image, (image_size, image_size), method="area", antialias=True)
     if random_flip:
         image = tf.image.stateless_random_flip_left_right(image, seed)
+    if dequantize:
+        noise = tf.random.stateless_uniform(tf.shape(image), seed + tf.constant([0, 1], seed.dtype))
+        return (image + noise) / 128.0 - 1.0
     return image / 127.5 - 1.0
 
 
@@ -89,7 +95,15 @@ def batches(
 
     def convert(index, example):
         image_seed = tf.stack([tf.cast(seed, tf.int64), index])
-        out = {"image": preprocess(example["image"], d.image_size, d.channels, flip, image_seed)}
+        image = preprocess(
+            example["image"],
+            d.image_size,
+            d.channels,
+            flip,
+            image_seed,
+            dequantize=train and d.dequantize,
+        )
+        out = {"image": image}
         out["label"] = tf.cast(example["label"], tf.int32) if has_label else tf.zeros((), tf.int32)
         return out
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-from PIL import Image
 
 from diffusion_jax import metrics_io, parallel
+from diffusion_jax.data import folder
 from diffusion_jax.evaluation import inception, metrics
 
 log = logging.getLogger(__name__)
@@ -35,19 +34,9 @@ flags.DEFINE_string("out", None, "Output .npz with mu, sigma, features.")
 flags.DEFINE_integer("max_images", 50_000, "Use at most this many images.")
 
 
-def folder_images(folder, image_size: int, channels: int, max_images: int) -> np.ndarray:
-    files = sorted(
-        p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")
-    )[:max_images]
-    if not files:
-        raise FileNotFoundError(f"no PNG/JPEG images in {folder}")
-    mode = "L" if channels == 1 else "RGB"
-    images = [
-        np.asarray(Image.open(p).convert(mode).resize((image_size, image_size), Image.BICUBIC))
-        for p in files
-    ]
-    images = np.stack(images)
-    return images[..., None] if channels == 1 else images
+def folder_images(path, image_size: int, channels: int, max_images: int) -> np.ndarray:
+    files, _ = folder.list_images(path)
+    return np.stack([folder.load_image(f, image_size, channels) for f in files[:max_images]])
 
 
 def split_images(config, split: str, max_images: int) -> np.ndarray:

@@ -1,13 +1,16 @@
-"""Reads PyTorch `.pth` state dicts (the zip format of torch >= 1.6) into NumPy, without torch.
+"""Reads PyTorch `.pth` state dicts into NumPy, without torch: the zip format of torch >= 1.6
+and the older sequential ("legacy") format that files published before 2020 use.
 
 The pickle inside names classes to rebuild; a restricted unpickler accepts only the handful
 that describe tensors and ordered dicts and refuses anything else, so a crafted file cannot
-run code. Storages are read from the zip members the pickle points to.
+run code. Storages are read from the zip members the pickle points to, or, in the legacy
+format, from the raw blocks that follow the pickles.
 """
 
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -27,9 +30,29 @@ STORAGE_DTYPES = {
 }
 
 
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _LazyStorage:
+    """A legacy-format storage whose bytes come after the pickles."""
+
+    def __init__(self, dtype, numel):
+        self.dtype, self.numel, self.array = np.dtype(dtype), numel, None
+
+
+class _LazyTensor:
+    def __init__(self, storage, args):
+        self.storage, self.args = storage, args
+
+    def materialize(self):
+        return _rebuild_tensor_v2(self.storage.array, *self.args)
+
+
 def _rebuild_tensor_v2(
     storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
 ):
+    if isinstance(storage, _LazyStorage):
+        return _LazyTensor(storage, (storage_offset, size, stride))
     itemsize = storage.dtype.itemsize
     if not size:
         return np.array(storage[storage_offset])
@@ -44,9 +67,12 @@ class _StorageType:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    """Zip format when `archive` is given; legacy format (lazy storages) otherwise."""
+
+    def __init__(self, file, archive: zipfile.ZipFile | None = None, prefix: str = ""):
         super().__init__(file)
         self._archive, self._prefix = archive, prefix
+        self.storages: dict[str, _LazyStorage] = {}
 
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):
@@ -64,18 +90,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
         dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else None
         if dtype is None:
             raise pickle.UnpicklingError(f"unknown storage type {storage_type!r}")
+        if self._archive is None:
+            if pid[5:] and pid[5] is not None:
+                raise pickle.UnpicklingError("storage views are not supported")
+            return self.storages.setdefault(key, _LazyStorage(dtype, numel))
         data = self._archive.read(f"{self._prefix}data/{key}")
         return np.frombuffer(data, dtype=dtype, count=numel)
 
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
-    """{name: array} of a torch-saved state dict in the zip format."""
+    """{name: array} of a torch-saved state dict, zip or legacy format."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{path}: not a zip-format .pth (saved by torch >= 1.6); re-save it "
-            "with torch.save(torch.load(f), g) or convert it to .npz"
-        )
+        return _load_legacy(path)
     with zipfile.ZipFile(path) as archive:
         pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
         if pkl is None:
@@ -86,3 +113,28 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return {k: np.asarray(v) for k, v in state.items()}
+
+
+def _load_legacy(path: Path) -> dict[str, np.ndarray]:
+    """The sequential format: magic, protocol, sys_info and object pickles, the storage keys,
+    then each storage as an int64 element count and its raw little-endian bytes."""
+    with open(path, "rb") as f:
+        magic = _RestrictedUnpickler(f).load()
+        if magic != LEGACY_MAGIC:
+            raise ValueError(f"{path}: neither a zip nor a legacy torch checkpoint")
+        _RestrictedUnpickler(f).load()  # protocol version
+        _RestrictedUnpickler(f).load()  # sys_info
+        unpickler = _RestrictedUnpickler(f)
+        state = unpickler.load()
+        keys = _RestrictedUnpickler(f).load()
+        for key in keys:
+            storage = unpickler.storages[key]
+            (numel,) = struct.unpack("<q", f.read(8))
+            data = f.read(numel * storage.dtype.itemsize)
+            storage.array = np.frombuffer(data, dtype=storage.dtype, count=numel)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return {
+        k: np.asarray(v.materialize() if isinstance(v, _LazyTensor) else v)
+        for k, v in state.items()
+    }

@@ -242,10 +242,12 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
         start_step=start,
     )
     writer = metrics_io.MetricWriter(workdir)
+    config_json = config.to_json_best_effort()
     progress = metrics_io.Progress(t_cfg.num_steps, start, unit="steps")
 
     def save(step):
-        checkpointing.save(manager, step, state, {"data_position": step, "step": step})
+        meta = {"data_position": step, "step": step, "config": json.loads(config_json)}
+        checkpointing.save(manager, step, state, meta)
 
     step = start
     with Preemption() as preemption:
