@@ -233,28 +233,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
     """(data, fsdp) sizes from config.mesh; a -1 takes all devices the other axis leaves."""
-    data, fsdp = config.mesh.data, config.mesh.fsdp
-    _require(not (data == -1 and fsdp == -1), "mesh", "only one of mesh.data, mesh.fsdp may be -1")
-    if data == -1:
+    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    _require(len(free) <= 1, "mesh", "only one of mesh.data, mesh.fsdp may be -1")
+    if free:
+        (fixed,) = set(sizes) - set(free)
         _require(
-            fsdp >= 1 and num_devices % fsdp == 0,
-            "mesh.fsdp",
-            f"{fsdp} does not divide the {num_devices} devices",
+            sizes[fixed] >= 1 and num_devices % sizes[fixed] == 0,
+            f"mesh.{fixed}",
+            f"{sizes[fixed]} does not divide the {num_devices} devices",
         )
-        data = num_devices // fsdp
-    if fsdp == -1:
-        _require(
-            data >= 1 and num_devices % data == 0,
-            "mesh.data",
-            f"{data} does not divide the {num_devices} devices",
-        )
-        fsdp = num_devices // data
+        sizes[free[0]] = num_devices // sizes[fixed]
     _require(
-        data * fsdp == num_devices,
+        sizes["data"] * sizes["fsdp"] == num_devices,
         "mesh",
-        f"mesh.data x mesh.fsdp = {data} x {fsdp} != {num_devices} devices",
+        f"mesh.data x mesh.fsdp = {sizes['data']} x {sizes['fsdp']} != {num_devices} devices",
     )
-    return data, fsdp
+    return sizes["data"], sizes["fsdp"]
 
 
 def parse_arg(arg: str, allowed: tuple[str, ...]) -> set[str]:
