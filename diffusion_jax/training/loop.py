@@ -171,13 +171,22 @@ def compile_and_plan_memory(train_step, state, config, mesh, train_key):
 
 
 class Preemption:
-    """Turns SIGTERM into a request to checkpoint and stop at the next step."""
+    """When to checkpoint and stop because the job is being preempted.
+
+    One process: SIGTERM sets a flag, read at the next step. Several processes: JAX's
+    preemption service (started by jax.distributed) catches the notice on any host and
+    `reached_preemption_sync_point` answers True on every host at the same step, so all
+    of them save that step together.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
+        if self._multi:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -187,6 +196,16 @@ class Preemption:
     def _handle(self, signum, frame):
         log.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
+
+    def check(self, step: int) -> bool:
+        """True (on every process at once) when the run should checkpoint and stop."""
+        if self._multi and not self.requested:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                log.warning("preemption notice: saving a checkpoint at step %d and stopping", step)
+                self.requested = True
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -254,6 +273,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
         while step < t_cfg.num_steps:
             state, metrics = train_step(state, next(batches), train_key)
             step += 1
+            preemption.check(step)
             last = step == t_cfg.num_steps
             if step % t_cfg.log_every == 0 or last or preemption.requested:
                 figures = progress.update(step)
