@@ -204,3 +204,21 @@ def test_a_run_that_does_not_fit_stops_with_the_figure_and_the_knobs(monkeypatch
         r"model.remat=True",
     ):
         loop.compile_and_plan_memory(run.make_step(), state, config, run.mesh, train_key)
+
+
+def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):
+    from diffusion_jax.data import pipeline
+
+    def nan_images(config, split):
+        images = np.full((64, 8, 8, 1), np.nan, np.float32)
+        return images, np.zeros(64, np.int32)
+
+    monkeypatch.setattr(pipeline, "load_in_memory", nan_images)
+    config = small_config(**{"mesh.data": 8, "training.num_steps": 6,
+                             "training.max_consecutive_nonfinite": 2,
+                             "training.log_every": 1, "training.sample_every": 100,
+                             "training.ckpt_every": 100})
+    with pytest.raises(loop.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
+        loop.train_and_evaluate(config, tmp_path)
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert '"skipped_steps": 1' in rows[0] and '"skipped_steps": 2' in rows[1]

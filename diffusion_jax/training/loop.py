@@ -268,41 +268,48 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
         meta = {"data_position": step, "step": step, "config": json.loads(config_json)}
         checkpointing.save(manager, step, state, meta)
 
+    def report(step, metrics, figures):
+        """Writes one logged step. Called one step late, so that fetching these scalars
+        from the device overlaps the next step instead of stalling the loop."""
+        scalars = jax.device_get(metrics)
+        scalars.pop("skipped")
+        consecutive = int(scalars.pop("consecutive_skips"))
+        writer.write(
+            step,
+            {
+                **scalars,
+                "steps_per_sec": figures["rate"],
+                "images_per_sec": figures["rate"] * t_cfg.batch_size,
+            },
+        )
+        log.info(
+            "step %s | loss %.4f | grad norm %.3f | skipped %d",
+            progress.line(step, figures),
+            scalars["loss"],
+            scalars["grad_norm"],
+            scalars["skipped_steps"],
+        )
+        if consecutive >= t_cfg.max_consecutive_nonfinite:
+            manager.wait_until_finished()
+            raise NonFiniteError(
+                f"{consecutive} consecutive steps had a non-finite loss or gradient (up to step "
+                f"{step}); the last checkpoint is intact. Lower optim.lr, check the data, or "
+                "raise training.max_consecutive_nonfinite"
+            )
+
     step = start
+    pending = None  # (step, metrics, figures) of the last logged step, not yet fetched
     with Preemption() as preemption:
         while step < t_cfg.num_steps:
             state, metrics = train_step(state, next(batches), train_key)
             step += 1
+            if pending is not None:
+                report(*pending)
+                pending = None
             preemption.check(step)
             last = step == t_cfg.num_steps
             if step % t_cfg.log_every == 0 or last or preemption.requested:
-                figures = progress.update(step)
-                scalars = jax.device_get(metrics)
-                scalars.pop("skipped")
-                skipped = int(state.skipped_steps)
-                writer.write(
-                    step,
-                    {
-                        **scalars,
-                        "steps_per_sec": figures["rate"],
-                        "images_per_sec": figures["rate"] * t_cfg.batch_size,
-                        "skipped_steps": skipped,
-                    },
-                )
-                log.info(
-                    "step %s | loss %.4f | grad norm %.3f | skipped %d",
-                    progress.line(step, figures),
-                    scalars["loss"],
-                    scalars["grad_norm"],
-                    skipped,
-                )
-                if int(state.consecutive_skips) >= t_cfg.max_consecutive_nonfinite:
-                    manager.wait_until_finished()
-                    raise NonFiniteError(
-                        f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss "
-                        f"or gradient (up to step {step}); the last checkpoint is intact. Lower "
-                        "optim.lr, check the data, or raise training.max_consecutive_nonfinite"
-                    )
+                pending = (step, metrics, progress.update(step))
             if step % t_cfg.sample_every == 0 or last:
                 write_samples(
                     sample_fn,
@@ -317,6 +324,8 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
             if preemption.requested:
                 log.warning("stopped at step %d after SIGTERM; the same command resumes", step)
                 break
+        if pending is not None:
+            report(*pending)
     t0 = time.perf_counter()
     manager.wait_until_finished()
     manager.close()

@@ -144,6 +144,8 @@ def train_step(
         "lr": lr_schedule(state.step - state.skipped_steps),
         "ema_decay": decay,
         "skipped": skipped,
+        "skipped_steps": new_state.skipped_steps,
+        "consecutive_skips": new_state.consecutive_skips,
         **{f"loss_{k}": v for k, v in terms.items() if k != "loss"},
     }
     return new_state, metrics
