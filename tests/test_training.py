@@ -214,10 +214,16 @@ def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):
         return images, np.zeros(64, np.int32)
 
     monkeypatch.setattr(pipeline, "load_in_memory", nan_images)
-    config = small_config(**{"mesh.data": 8, "training.num_steps": 6,
-                             "training.max_consecutive_nonfinite": 2,
-                             "training.log_every": 1, "training.sample_every": 100,
-                             "training.ckpt_every": 100})
+    config = small_config(
+        **{
+            "mesh.data": 8,
+            "training.num_steps": 6,
+            "training.max_consecutive_nonfinite": 2,
+            "training.log_every": 1,
+            "training.sample_every": 100,
+            "training.ckpt_every": 100,
+        }
+    )
     with pytest.raises(loop.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
         loop.train_and_evaluate(config, tmp_path)
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
