@@ -224,6 +224,18 @@ def evaluate_step(config, workdir, step, params, run) -> dict:
     return result
 
 
+def evaluate_and_write(config, workdir, step, params, run) -> dict:
+    """Scores `params` (the EMA weights of `step`) and writes eval/step_<step>.json."""
+    result = evaluate_step(config, workdir, step, params, run)
+    if parallel.is_main_process():
+        path = eval_dir(workdir) / f"step_{step}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        scores = {k: result[k] for k in result if k in METRICS + ("digits_confident",)}
+        log.info("eval: wrote %s: %s", path, scores)
+    return result
+
+
 def evaluate(config, workdir, steps=None) -> list[dict]:
     """Scores each checkpoint that has no eval/step_<N>.json yet, or eval.checkpoint_step,
     or the given steps."""
@@ -238,17 +250,7 @@ def evaluate(config, workdir, steps=None) -> list[dict]:
     results = []
     for step in todo:
         step, params, run = restore_ema(config, workdir, step)
-        result = evaluate_step(config, workdir, step, params, run)
-        if parallel.is_main_process():
-            path = eval_dir(workdir) / f"step_{step}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
-            log.info(
-                "eval: wrote %s: %s",
-                path,
-                {k: result[k] for k in result if k in METRICS + ("digits_confident",)},
-            )
-        results.append(result)
+        results.append(evaluate_and_write(config, workdir, step, params, run))
     return results
 
 

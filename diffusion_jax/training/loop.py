@@ -321,6 +321,10 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
                 )
             if step % t_cfg.ckpt_every == 0 or last or preemption.requested:
                 save(step)
+            if t_cfg.eval_every and step % t_cfg.eval_every == 0:
+                from diffusion_jax.evaluation.evaluate import evaluate_and_write
+
+                evaluate_and_write(config, workdir, step, state.ema_params, run)
             if preemption.requested:
                 log.warning("stopped at step %d after SIGTERM; the same command resumes", step)
                 break
