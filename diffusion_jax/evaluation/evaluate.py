@@ -33,11 +33,11 @@ def eval_dir(workdir) -> Path:
     return Path(workdir) / "eval"
 
 
-def restore_ema(config, workdir, step: int | None):
+def restore_ema(config, workdir, step: int | None, run=None):
     """(step, EMA params placed for this run's mesh, setup) from a checkpoint or from
-    eval.params_file (an exported single file)."""
-    init_key, _, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key)
+    eval.params_file (an exported single file); `run` is built when not given."""
+    if run is None:
+        run = loop.setup_run(config, loop.run_keys(config)[0])
     if config.eval.params_file:
         params, _ = export.load_params(config.eval.params_file)
         shardings = run.state_sharding.params
@@ -63,7 +63,7 @@ def restore_ema(config, workdir, step: int | None):
 def generate(config, run, params, num: int, key, *, labels=None, progress_every: int = 1):
     """`num` samples as uint8 (num, H, W, C), drawn in batches of sampling.batch_size split
     over all devices, with samples/s and ETA in the log."""
-    sample_fn = sampling.make_sample_fn(run.model, run.sched, config, run.mesh)
+    sample_fn = run.sample_fn()
     batch = sampling.padded_batch(min(config.sampling.batch_size, num), run.mesh.size)
     progress = metrics_io.Progress(num, unit="samples")
     out, done = [], 0
@@ -247,9 +247,9 @@ def evaluate(config, workdir, steps=None) -> list[dict]:
     todo = [s for s in sorted(steps) if not (eval_dir(workdir) / f"step_{s}.json").exists()]
     if not todo:
         log.info("eval: every checkpoint in %s already has a result", workdir)
-    results = []
+    results, run = [], None  # one run setup (and compiled sampler) for every checkpoint
     for step in todo:
-        step, params, run = restore_ema(config, workdir, step)
+        step, params, run = restore_ema(config, workdir, step, run)
         results.append(evaluate_and_write(config, workdir, step, params, run))
     return results
 
@@ -285,7 +285,7 @@ def write_reverse_process(config, run, params, key, path, num_images: int = 8, f
     steps = config.sampling.num_steps
     at = tuple(sorted({round(i * (steps - 1) / (frames - 1)) for i in range(frames)}))
     batch = sampling.padded_batch(num_images, run.mesh.size)
-    fn = sampling.make_sample_fn(run.model, run.sched, config, run.mesh, return_x0_at=at)
+    fn = run.sample_fn(return_x0_at=at)
     labels = sampling.grid_labels(config, batch)
     _, traj = fn(params, key, labels, batch)
     traj = sampling.gather(traj)[:, :num_images]  # (frames, N, H, W, C)

@@ -82,6 +82,16 @@ class RunSetup(NamedTuple):
     abstract_state: Any  # jax.ShapeDtypeStruct leaves with .sharding
     state_sharding: Any
     config: Any
+    samplers: dict  # jitted samplers by return_x0_at, built once per run
+
+    def sample_fn(self, return_x0_at=None):
+        """The run's jitted sampler (`sampling.make_sample_fn`), compiled once and reused by
+        the training grids, evaluation and sample mode."""
+        if return_x0_at not in self.samplers:
+            self.samplers[return_x0_at] = sampling.make_sample_fn(
+                self.model, self.sched, self.config, self.mesh, return_x0_at=return_x0_at
+            )
+        return self.samplers[return_x0_at]
 
     def init_state(self, init_key) -> state_lib.TrainState:
         """A fresh state, created already sharded: no host ever holds all of it."""
@@ -113,7 +123,7 @@ def setup_run(config, init_key, devices=None) -> RunSetup:
     )
     abstract = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
     return RunSetup(
-        mesh, model, sched, optimizer, lr_schedule, init_fn, abstract, state_sharding, config
+        mesh, model, sched, optimizer, lr_schedule, init_fn, abstract, state_sharding, config, {}
     )
 
 
@@ -252,7 +262,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     )
 
     train_step = compile_and_plan_memory(run.make_step(), state, config, mesh, train_key)
-    sample_fn = sampling.make_sample_fn(run.model, run.sched, config, mesh)
+    sample_fn = run.sample_fn()
     batches = pipeline.create_iterator(
         config,
         mesh,
