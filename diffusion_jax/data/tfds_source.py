@@ -6,6 +6,7 @@ prepares it, unless `data.download=True`.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 
@@ -15,12 +16,15 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+@functools.cache
 def _tf():
+    """TensorFlow, hidden from the accelerators JAX uses. Cached: the visible devices can be
+    set only before TensorFlow initialises, so only the first call may set them."""
     import tensorflow as tf
 
-    # TensorFlow must not take the accelerator JAX uses.
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+    for kind in ("GPU", "TPU"):
+        if tf.config.list_physical_devices(kind):
+            tf.config.set_visible_devices([], kind)
     return tf
 
 
