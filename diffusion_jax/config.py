@@ -125,6 +125,10 @@ def _require(ok: bool, field: str, message: str):
         raise ConfigError(f"config.{field}: {message}")
 
 
+def _require_choice(value, choices, field: str):
+    _require(value in choices, field, f"unknown {value!r}; choose one of {tuple(choices)}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks that a config can work, before anything is built. Raises ValueError naming the
     field (one line) on the first problem."""
@@ -136,43 +140,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         config.training,
         config.sampling,
     )
-    _require(
-        f.schedule in schedules.SCHEDULES,
-        "diffusion.schedule",
-        f"unknown schedule {f.schedule!r}; choose one of {schedules.SCHEDULES}",
-    )
+    _require_choice(f.schedule, schedules.SCHEDULES, "diffusion.schedule")
     _require(f.num_timesteps >= 1, "diffusion.num_timesteps", "must be >= 1")
-    _require(
-        f.prediction in process.PREDICTIONS,
-        "diffusion.prediction",
-        f"unknown {f.prediction!r}; choose one of {process.PREDICTIONS}",
-    )
-    _require(
-        f.variance in process.VARIANCES,
-        "diffusion.variance",
-        f"unknown {f.variance!r}; choose one of {process.VARIANCES}",
-    )
-    _require(
-        f.loss_type in losses.LOSS_TYPES,
-        "diffusion.loss_type",
-        f"unknown {f.loss_type!r}; choose one of {losses.LOSS_TYPES}",
-    )
-    _require(
-        f.loss_weighting in losses.WEIGHTINGS,
-        "diffusion.loss_weighting",
-        f"unknown {f.loss_weighting!r}; choose one of {losses.WEIGHTINGS}",
-    )
+    _require_choice(f.prediction, process.PREDICTIONS, "diffusion.prediction")
+    _require_choice(f.variance, process.VARIANCES, "diffusion.variance")
+    _require_choice(f.loss_type, losses.LOSS_TYPES, "diffusion.loss_type")
+    _require_choice(f.loss_weighting, losses.WEIGHTINGS, "diffusion.loss_weighting")
     learned = f.variance.startswith("learned")
     _require(
         m.learn_sigma == learned,
         "model.learn_sigma",
         f"must be {learned} for diffusion.variance={f.variance!r}",
     )
-    _require(
-        s.sampler in samplers.SAMPLERS,
-        "sampling.sampler",
-        f"unknown sampler {s.sampler!r}; choose one of {tuple(samplers.SAMPLERS)}",
-    )
+    _require_choice(s.sampler, samplers.SAMPLERS, "sampling.sampler")
     _require(
         s.spacing in ("",) + samplers.SPACINGS,
         "sampling.spacing",
@@ -183,7 +163,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "sampling.num_steps",
         f"must be in [1, diffusion.num_timesteps={f.num_timesteps}]",
     )
-    _require(m.dtype in DTYPES, "model.dtype", f"unknown {m.dtype!r}; choose one of {DTYPES}")
+    _require_choice(m.dtype, DTYPES, "model.dtype")
     _require(
         m.attention in ("dot_product_attention", "einsum"),
         "model.attention",
