@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.download = False  # tfds download_and_prepare when the data set is missing
     d.dequantize = False  # uniform dequantization of 8-bit pixels in training (likelihood)
     d.shuffle_buffer = 10_000
+    # Latent diffusion: the directory of latent shards (`--mode=encode` writes them, a
+    # latent run encodes them once when missing); "" means <workdir>/latents.
+    d.latents = ""
 
     c.model = m = ml_collections.ConfigDict()
     m.ch = 32
@@ -48,6 +51,42 @@ def base_config() -> ml_collections.ConfigDict:
     m.mid_attn_norm = True  # False only for diffusers' scale-shift models, which lack it
     m.remat = False
     m.dtype = "float32"  # activations; parameters are always float32
+    # Cross-attention (latent diffusion's spatial transformers) when context_dim > 0.
+    m.context_dim = 0
+    m.context_source = "class"  # "class": a learned one-token context per label; "text"
+    m.context_length = 77  # tokens of a "text" context (precomputed embeddings in the data)
+    m.transformer_depth = 1
+    m.linear_projection = False  # Dense proj_in/out (SD v2) instead of 1x1 convs (SD v1)
+
+    # The KL autoencoder of latent diffusion: trained with training.objective="autoencoder";
+    # a diffusion run with autoencoder.weights set works in its latent space.
+    c.autoencoder = a = ml_collections.ConfigDict()
+    a.weights = ""  # autoencoder workdir, exported .msgpack, or diffusers AutoencoderKL folder
+    a.ch = 128
+    a.ch_mult = (1, 2, 4, 4)
+    a.num_res_blocks = 2
+    a.latent_channels = 4
+    a.norm_groups = 32
+    a.norm_eps = 1e-6
+    a.mid_attention = True
+    a.scaling_factor = 0.18215  # latents are scaled by it for the diffusion model
+    a.kl_weight = 1e-6
+    a.reconstruction = "l1"  # or "mse"
+
+    # CLIP's text transformer, for prompts (Stable Diffusion); read from `pretrained`.
+    c.text_encoder = te = ml_collections.ConfigDict()
+    te.vocab_size = 49408
+    te.width = 768
+    te.num_layers = 12
+    te.num_heads = 12
+    te.mlp_dim = 3072
+    te.max_length = 77
+    te.activation = "quick_gelu"
+    te.eps = 1e-5
+
+    # A diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) whose
+    # weights --mode=sample uses; its config.json files replace model/autoencoder/text_encoder.
+    c.pretrained = ""
 
     c.diffusion = f = ml_collections.ConfigDict()
     f.schedule = "linear"
@@ -87,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_at_end = False  # --mode=train also runs --mode=eval when it finishes
     t.max_to_keep = 3
     t.allow_config_change = False
+    t.objective = "diffusion"  # or "autoencoder" (trains config.autoencoder on data)
 
     c.sampling = s = ml_collections.ConfigDict()
     s.sampler = "ddim"
@@ -97,6 +137,8 @@ def base_config() -> ml_collections.ConfigDict:
     s.guidance_scale = -1.0  # < 0: no guidance
     s.clip_denoised = True
     s.batch_size = 256
+    s.prompt = ""  # text-conditioned models: the prompt of every sample
+    s.negative_prompt = ""  # the unconditional side of guidance
 
     c.eval = e = ml_collections.ConfigDict()
     e.num_samples = 1000
@@ -114,6 +156,23 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 DTYPES = ("float32", "bfloat16")
+OBJECTIVES = ("diffusion", "autoencoder")
+
+
+def is_latent(config) -> bool:
+    """A diffusion run in the latent space of a trained autoencoder."""
+    return config.training.objective == "diffusion" and bool(
+        config.autoencoder.weights or config.pretrained
+    )
+
+
+def model_input_shape(config) -> tuple[int, int]:
+    """(size, channels) of what the trained network sees: the images, or their latents
+    (size / 2^(len(autoencoder.ch_mult) - 1), autoencoder.latent_channels)."""
+    d, a = config.data, config.autoencoder
+    if is_latent(config):
+        return d.image_size // 2 ** (len(a.ch_mult) - 1), a.latent_channels
+    return d.image_size, d.channels
 
 
 class ConfigError(ValueError):
@@ -169,15 +228,45 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "model.attention",
         "choose 'dot_product_attention' or 'einsum'",
     )
+    _require_choice(t.objective, OBJECTIVES, "training.objective")
+    _require_choice(m.context_source, ("class", "text"), "model.context_source")
+    a = config.autoencoder
+    if t.objective == "autoencoder" or is_latent(config):
+        factor = 2 ** (len(a.ch_mult) - 1)
+        _require(
+            d.image_size % factor == 0,
+            "data.image_size",
+            f"{d.image_size} is not divisible by 2^(len(autoencoder.ch_mult) - 1) = {factor}",
+        )
+        _require_choice(a.reconstruction, ("l1", "mse"), "autoencoder.reconstruction")
+        ae_channels = {a.ch * k for k in a.ch_mult}
+        _require(
+            all(c % a.norm_groups == 0 for c in ae_channels),
+            "autoencoder.norm_groups",
+            f"{a.norm_groups} groups do not divide the channel counts {sorted(ae_channels)}",
+        )
+    if is_latent(config):
+        _require(
+            "bpd" not in config.eval.metrics,
+            "eval.metrics",
+            "bpd is a pixel-space bound; latent diffusion has none here",
+        )
+        _require(
+            not s.clip_denoised,
+            "sampling.clip_denoised",
+            "must be False for latent diffusion (latents are not in [-1, 1])",
+        )
+    size, _ = model_input_shape(config)
     downsamples = 2 ** (len(m.ch_mult) - 1)
     _require(
-        d.image_size % downsamples == 0,
+        size % downsamples == 0,
         "data.image_size",
-        f"{d.image_size} is not divisible by 2^(len(model.ch_mult) - 1) = {downsamples}",
+        f"the model input size {size} is not divisible by 2^(len(model.ch_mult) - 1) = "
+        f"{downsamples}",
     )
     channels = {m.ch * k for k in m.ch_mult}
     _require(
-        all(c % m.norm_groups == 0 for c in channels),
+        t.objective == "autoencoder" or all(c % m.norm_groups == 0 for c in channels),
         "model.norm_groups",
         f"{m.norm_groups} groups do not divide the channel counts {sorted(channels)} "
         "(model.ch * model.ch_mult)",

@@ -3,7 +3,7 @@
 --config=FILE[:ARG]   a Python file with get_config(arg) (ml_collections config_flags)
 --config.a.b=value    overrides of any field, type-checked against the config
 --workdir=DIR         where checkpoints, samples, metrics and evaluations go
---mode=train|eval|sample|export
+--mode=train|eval|sample|export|encode   (encode: a latent run's data to latent shards)
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from diffusion_jax import config as config_lib  # noqa: E402
 from diffusion_jax.config import ConfigError  # noqa: E402
 
-MODES = ("train", "eval", "sample", "export")
+MODES = ("train", "eval", "sample", "export", "encode")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -81,6 +82,13 @@ def main(argv) -> None:
         from diffusion_jax.evaluation.evaluate import sample
 
         sample(config, FLAGS.workdir)
+    elif FLAGS.mode == "encode":
+        from diffusion_jax import latents
+
+        config_lib.validate(config)
+        if not config_lib.is_latent(config):
+            raise ConfigError("config.autoencoder.weights: --mode=encode needs an autoencoder")
+        latents.encode_dataset(config, FLAGS.workdir)
     else:
         from diffusion_jax.evaluation.evaluate import export_ema
 

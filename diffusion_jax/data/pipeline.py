@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from diffusion_jax import config as config_lib
 from diffusion_jax import parallel
 from diffusion_jax.data import digits, folder
 
@@ -58,8 +59,10 @@ def in_memory_batches(
     random_flip: bool,
     process_index: int,
     process_count: int,
+    context: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of the global batch of each step from `start_step` on."""
+    """This process's rows of the global batch of each step from `start_step` on (with the
+    examples' text contexts (N, M, D) when given)."""
     per_host = global_batch // process_count
     step = start_step
     while True:
@@ -69,7 +72,10 @@ def in_memory_batches(
         if random_flip:
             flip = np.random.default_rng([seed, step, process_index, 1]).random(per_host) < 0.5
             batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
-        yield {"image": batch, "label": labels[idx]}
+        out = {"image": batch, "label": labels[idx]}
+        if context is not None:
+            out["context"] = context[idx]
+        yield out
         step += 1
 
 
@@ -88,7 +94,22 @@ def create_iterator(
     """Global batches of `split` from step `start_step` on; random flips only when `train`."""
     d = config.data
     seed = config.training.seed
-    if d.dataset in IN_MEMORY:
+    if config_lib.is_latent(config):
+        from diffusion_jax import latents
+
+        arrays = latents.load_latents(config, split)
+        local = in_memory_batches(
+            arrays["image"],
+            arrays["label"],
+            global_batch=global_batch,
+            seed=seed,
+            start_step=start_step,
+            random_flip=False,  # a flipped latent is not the latent of the flipped image
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            context=arrays.get("context"),
+        )
+    elif d.dataset in IN_MEMORY:
         images, labels = load_in_memory(config, split)
         local = in_memory_batches(
             images,
@@ -111,7 +132,6 @@ def create_iterator(
             start_step=start_step,
             train=train,
         )
-    log.info(
-        "data: %s/%s from step %d, global batch %d", d.dataset, split, start_step, global_batch
-    )
+    source = f"latents of {d.dataset}" if config_lib.is_latent(config) else d.dataset
+    log.info("data: %s/%s from step %d, global batch %d", source, split, start_step, global_batch)
     return (to_global(b, mesh) for b in local)

@@ -25,7 +25,7 @@ from diffusion_jax.training import loop
 
 log = logging.getLogger(__name__)
 
-METRICS = ("digits_fd", "bpd", "fid", "is", "precision", "recall")
+METRICS = ("digits_fd", "bpd", "fid", "is", "precision", "recall", "reconstruction")
 INCEPTION_METRICS = ("fid", "is", "precision", "recall")
 
 
@@ -190,8 +190,54 @@ def bits_per_dim(config, run, params, key) -> float:
     return float(np.concatenate(values).mean())
 
 
+def reconstruction_scores(config, run, params) -> dict:
+    """An autoencoder's held-out errors over eval.num_samples images of data.eval_split: MSE
+    and L1 of the decoded posterior mean, PSNR (images in [-1, 1], peak-to-peak 2), and the
+    MSE of the blur baseline (`autoencoder.blur_baseline` at the latent resolution)."""
+    from diffusion_jax.models import autoencoder as ae_lib
+
+    model = run.model
+    factor = ae_lib.downsampling_factor(config.autoencoder.ch_mult)
+    batch = sampling.padded_batch(
+        min(config.sampling.batch_size, config.eval.num_samples), run.mesh.size
+    )
+    batches = pipeline.create_iterator(
+        config, run.mesh, split=config.data.eval_split, global_batch=batch, train=False
+    )
+
+    @jax.jit
+    def errors(params, x):
+        mean, _ = model.apply({"params": params}, x, method=model.encode)
+        x_hat = jnp.clip(model.apply({"params": params}, mean, method=model.decode), -1, 1)
+        blur = ae_lib.blur_baseline(x, factor)
+        per_image = lambda e: e.reshape(e.shape[0], -1).mean(axis=1)
+        return (
+            per_image((x - x_hat) ** 2),
+            per_image(jnp.abs(x - x_hat)),
+            per_image((x - blur) ** 2),
+        )
+
+    out = [[], [], []]
+    for _ in range(-(-config.eval.num_samples // batch)):
+        for acc, value in zip(out, errors(params, next(batches)["image"]), strict=True):
+            acc.append(sampling.gather(value))
+    mse, l1, blur = (np.concatenate(v)[: config.eval.num_samples] for v in out)
+    return {
+        "reconstruction_mse": float(mse.mean()),
+        "reconstruction_l1": float(l1.mean()),
+        "psnr": float(np.mean(10 * np.log10(4.0 / np.maximum(mse, 1e-12)))),
+        "blur_mse": float(blur.mean()),
+    }
+
+
 def evaluate_step(config, workdir, step, params, run) -> dict:
     e = config.eval
+    if config.training.objective == "autoencoder":
+        return {
+            "step": step,
+            "num_samples": e.num_samples,
+            **reconstruction_scores(config, run, params),
+        }
     _, _, sample_key = loop.run_keys(config)
     key = jax.random.fold_in(sample_key, 1_000_000 + step)
     t0 = time.perf_counter()
@@ -231,7 +277,11 @@ def evaluate_and_write(config, workdir, step, params, run) -> dict:
         path = eval_dir(workdir) / f"step_{step}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
-        scores = {k: result[k] for k in result if k in METRICS + ("digits_confident",)}
+        scores = {
+            k: result[k]
+            for k in result
+            if k in METRICS + ("digits_confident", "reconstruction_mse", "blur_mse")
+        }
         log.info("eval: wrote %s: %s", path, scores)
     return result
 
@@ -258,8 +308,16 @@ def sample(config, workdir) -> Path:
     """Writes samples of the newest checkpoint (or eval.checkpoint_step): a grid PNG, an .npz
     of uint8 images and labels, and the x0 predictions along the reverse process."""
     config_lib.validate(config, jax.device_count())
+    if config.pretrained:
+        from diffusion_jax.evaluation import text_to_image
+
+        return text_to_image.sample(config, workdir)
     step_arg = config.eval.checkpoint_step if config.eval.checkpoint_step >= 0 else None
     step, params, run = restore_ema(config, workdir, step_arg)
+    if config.training.objective == "autoencoder":
+        path = Path(workdir) / "samples" / f"reconstructions_step_{step}.png"
+        loop.write_reconstructions(run, params, config, path)
+        return path
     _, _, sample_key = loop.run_keys(config)
     key = jax.random.fold_in(sample_key, 2_000_000 + step)
     num = config.sampling.num_samples

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel
 
@@ -20,23 +21,35 @@ def schedule_from_config(config) -> dm.Schedule:
     )
 
 
-def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None):
-    """A jitted fn(params, key, labels (B,) | None, batch_size) -> images (B, H, W, C).
+def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None, decoder=None):
+    """A jitted fn(params, key, cond, batch_size) -> images (B, H, W, C).
 
-    The parameters are a traced argument (not constants of the program) and the batch is
-    split over every device of the mesh; one compile per batch size.
+    cond: class labels (B,) int32, or for text-conditioned models a context (B, M, D); None
+    samples unconditionally. The parameters are a traced argument (not constants of the
+    program) and the batch is split over every device of the mesh; one compile per batch
+    size. `decoder` = (decode_fn, decoder_params) turns latents into images (latent
+    diffusion), and `fn.null_context` (B', M, D) | None is the unconditional context of
+    guidance for text models (zeros when None).
     """
-    s, d = config.sampling, config.data
+    s = config.sampling
     guidance = s.guidance_scale if s.guidance_scale >= 0 else None
+    size, channels = config_lib.model_input_shape(config)
+    text = config.model.context_dim > 0 and config.model.context_source == "text"
+    decode_fn, decoder_params = decoder if decoder is not None else (None, None)
 
-    def run(params, key, labels, batch_size):
+    def run(params, key, cond, batch_size, decoder_params, null_context):
         def model_fn(x, t, y):
-            return model.apply({"params": params}, x, t, y, train=False)
+            if not text:
+                return model.apply({"params": params}, x, t, y, train=False)
+            context = y if y is not None else null_context
+            if context is not None and context.shape[0] != x.shape[0]:
+                context = jnp.broadcast_to(context, (x.shape[0],) + context.shape[1:])
+            return model.apply({"params": params}, x, t, None, train=False, context=context)
 
-        shape = (batch_size, d.image_size, d.image_size, d.channels)
+        shape = (batch_size, size, size, channels)
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, parallel.batch_sharding(mesh))
-        return dm.sample(
+        out = dm.sample(
             model_fn,
             sched,
             key,
@@ -48,12 +61,21 @@ def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None):
             prediction=config.diffusion.prediction,
             variance=config.diffusion.variance,
             clip_denoised=s.clip_denoised,
-            labels=labels,
-            guidance_scale=guidance if labels is not None else None,
+            labels=cond,
+            guidance_scale=guidance if cond is not None else None,
             return_x0_at=return_x0_at,
         )
+        if decode_fn is None:
+            return out
+        return jax.tree.map(lambda z: decode_fn(decoder_params, z), out)
 
-    return jax.jit(run, static_argnums=(3,))
+    jitted = jax.jit(run, static_argnums=(3,))
+
+    def sample_fn(params, key, cond, batch_size):
+        return jitted(params, key, cond, batch_size, decoder_params, sample_fn.null_context)
+
+    sample_fn.null_context = None
+    return sample_fn
 
 
 def grid_labels(config, num: int):

@@ -101,7 +101,8 @@ class ResnetBlock(nn.Module):
     h = conv1(swish(norm1(x))); h += time_emb_proj(swish(emb)) (or, with scale-shift norm,
     norm2(h) (1 + scale) + shift); h = conv2(dropout(swish(norm2(h)))); out = skip(x) + h,
     where skip is a 1x1 conv when the channel count changes. `resample="up"|"down"` resizes
-    both paths after the first norm (improved DDPM's resblock_updown).
+    both paths after the first norm (improved DDPM's resblock_updown). `emb=None` drops the
+    time embedding and its projection (the autoencoder's blocks).
     """
 
     out_channels: int
@@ -121,6 +122,8 @@ class ResnetBlock(nn.Module):
         elif self.resample == "down":
             h, x = downsample_avg(h), downsample_avg(x)
         h = conv(self.out_channels, "conv1", dtype=self.dtype)(h)
+        if emb is None:
+            return self._finish(x, group_norm("norm2", **norm)(h), train)
         emb_channels = self.out_channels * (2 if self.scale_shift_norm else 1)
         emb_out = dense(emb_channels, "time_emb_proj", dtype=self.dtype)(nn.swish(emb))
         emb_out = emb_out[:, None, None, :]
@@ -129,11 +132,28 @@ class ResnetBlock(nn.Module):
             h = group_norm("norm2", **norm)(h) * (1.0 + scale) + shift
         else:
             h = group_norm("norm2", **norm)(h + emb_out)
+        return self._finish(x, h, train)
+
+    def _finish(self, x, h, train):
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
         h = conv(self.out_channels, "conv2", init_scale=0.0, dtype=self.dtype)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, "conv_shortcut", kernel=1, padding=0, dtype=self.dtype)(x)
         return x + h
+
+
+def multi_head_attention(q, k, v, use_dot_product_attention: bool = True, *, causal=False):
+    """softmax(q k^T / sqrt(d)) v per head. q: (B, Lq, heads, d), k, v: (B, Lk, heads, d) ->
+    (B, Lq, heads, d). `jax.nn.dot_product_attention` dispatches to a fused kernel on GPU;
+    the einsum form is the reference it is benchmarked against."""
+    if use_dot_product_attention:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if causal:
+        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class AttentionBlock(nn.Module):
@@ -168,12 +188,7 @@ class AttentionBlock(nn.Module):
             dense(c, name, dtype=self.dtype)(h).reshape(b, hgt * wid, heads, c // heads)
             for name in ("to_q", "to_k", "to_v")
         )
-        if self.use_dot_product_attention:
-            a = jax.nn.dot_product_attention(q, k, v)
-        else:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c // heads)
-            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-            a = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        a = multi_head_attention(q, k, v, self.use_dot_product_attention)
         a = a.reshape(b, hgt * wid, c)
         out = dense(c, "to_out_0", init_scale=0.0, dtype=self.dtype)(a)
         return x + out.reshape(b, hgt, wid, c)
@@ -202,3 +217,114 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x):
         return conv(self.channels, "conv", dtype=self.dtype)(upsample_nearest(x))
+
+
+def layer_norm(name, *, eps=1e-5, dtype):
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of a sequence x (B, L, C) to `context` (B, M, D), or to itself
+    when context is None: to_out(attention(to_q(x), to_k(ctx), to_v(ctx))), with no biases on
+    q, k, v (diffusers' Attention as used by Stable Diffusion)."""
+
+    num_heads: int
+    use_dot_product_attention: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        b, length, c = x.shape
+        context = x if context is None else context.astype(self.dtype)
+        heads, head_dim = self.num_heads, c // self.num_heads
+
+        def project(name, inputs):
+            out = nn.Dense(
+                c,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.with_logical_partitioning(default_init(), DENSE_AXES),
+                name=name,
+            )(inputs)
+            return out.reshape(b, inputs.shape[1], heads, head_dim)
+
+        q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
+        a = multi_head_attention(q, k, v, self.use_dot_product_attention)
+        return dense(c, "to_out_0", dtype=self.dtype)(a.reshape(b, length, c))
+
+
+class GEGLUFeedForward(nn.Module):
+    """net_2(h * gelu(gate)) with (h, gate) = split(net_0.proj(x)): the gated GELU feed-forward
+    of Shazeer (2020) with a 4x hidden width, as in latent diffusion's transformer blocks."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        h, gate = jnp.split(dense(2 * self.mult * c, "net_0.proj", dtype=self.dtype)(x), 2, -1)
+        return dense(c, "net_2", dtype=self.dtype)(h * nn.gelu(gate, approximate=False))
+
+
+class TransformerBlock(nn.Module):
+    """x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)) (pre-norm)."""
+
+    num_heads: int
+    use_dot_product_attention: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        attn = dict(use_dot_product_attention=self.use_dot_product_attention, dtype=self.dtype)
+        x = x + CrossAttention(self.num_heads, **attn, name="attn1")(
+            layer_norm("norm1", dtype=self.dtype)(x)
+        )
+        x = x + CrossAttention(self.num_heads, **attn, name="attn2")(
+            layer_norm("norm2", dtype=self.dtype)(x), context
+        )
+        return x + GEGLUFeedForward(dtype=self.dtype, name="ff")(
+            layer_norm("norm3", dtype=self.dtype)(x)
+        )
+
+
+class SpatialTransformer(nn.Module):
+    """Latent diffusion's cross-attention block (Rombach et al. 2022, Sec. 3.3) over the
+    H*W positions of x (B, H, W, C), conditioned on `context` (B, M, D):
+
+        h = proj_in(group_norm(x)) -> `depth` TransformerBlocks -> proj_out; out = x + h
+
+    proj_in/out are 1x1 convs (SD v1) or Dense layers (`linear_projection`, SD v2). Names
+    follow diffusers' Transformer2DModel."""
+
+    num_heads: int
+    depth: int = 1
+    linear_projection: bool = False
+    groups: int = 32
+    eps: float = 1e-6
+    use_dot_product_attention: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, hgt, wid, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(f"model attention: {c} channels do not split into {self.num_heads}")
+
+        def proj(name, init_scale=1.0):
+            if self.linear_projection:
+                return dense(c, name, init_scale=init_scale, dtype=self.dtype)
+            return conv(c, name, kernel=1, padding=0, init_scale=init_scale, dtype=self.dtype)
+
+        h = group_norm("norm", groups=self.groups, eps=self.eps, dtype=self.dtype)(x)
+        h = proj("proj_in")(h).reshape(b, hgt * wid, c)
+        for i in range(self.depth):
+            h = TransformerBlock(
+                self.num_heads,
+                self.use_dot_product_attention,
+                self.dtype,
+                name=f"transformer_blocks_{i}",
+            )(h, context)
+        h = proj("proj_out", init_scale=0.0)(h.reshape(b, hgt, wid, c))
+        return x + h

@@ -21,6 +21,13 @@ class UNet(nn.Module):
     connections. Class conditioning adds an embedding of the label to the time embedding;
     label `num_classes` is the "null" label used when `labels` is None (classifier-free
     guidance). The output is float32 whatever `dtype` the activations use.
+
+    With `context_dim > 0` the attention blocks are latent diffusion's spatial transformers,
+    cross-attending to a context sequence (B, M, context_dim): precomputed text embeddings
+    passed as `context` (`context_source="text"`; None means the null context, zeros), or
+    a learned embedding of the class label as a one-token context (`context_source="class"`,
+    the label then does not enter the time embedding). This is diffusers'
+    UNet2DConditionModel layout (Stable Diffusion v1/v2).
     """
 
     ch: int = 128
@@ -42,10 +49,14 @@ class UNet(nn.Module):
     use_dot_product_attention: bool = True
     mid_attn_norm: bool = True
     remat: bool = False
+    context_dim: int = 0
+    context_source: str = "text"
+    transformer_depth: int = 1
+    linear_projection: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, t, labels=None, train: bool = False):
+    def __call__(self, x, t, labels=None, train: bool = False, context=None):
         dtype = self.dtype
         resnet_cls = (
             nn.remat(layers.ResnetBlock, static_argnums=(3,))
@@ -66,6 +77,25 @@ class UNet(nn.Module):
             )
 
         def attention(name, use_norm=True):
+            if self.context_dim > 0:
+
+                def transformer(h):
+                    channels = h.shape[-1]
+                    heads = (
+                        channels // self.head_channels if self.head_channels > 0 else self.num_heads
+                    )
+                    return layers.SpatialTransformer(
+                        heads,
+                        self.transformer_depth,
+                        self.linear_projection,
+                        self.norm_groups,
+                        1e-6,
+                        self.use_dot_product_attention,
+                        dtype,
+                        name=name,
+                    )(h, context)
+
+                return transformer
             return layers.AttentionBlock(
                 self.num_heads,
                 self.head_channels,
@@ -82,9 +112,22 @@ class UNet(nn.Module):
             t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
         )
         emb = layers.TimestepEmbedding(emb_dim, dtype, name="time_embedding")(emb.astype(dtype))
-        if self.num_classes > 0:
-            if labels is None:
-                labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+        class_context = self.context_dim > 0 and self.context_source == "class"
+        if self.num_classes > 0 and labels is None:
+            labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+        if class_context and self.num_classes > 0:
+            context = nn.Embed(
+                self.num_classes + 1,
+                self.context_dim,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                name="class_context",
+            )(labels)[:, None, :]
+        elif self.context_dim > 0 and context is None:
+            # Keys and values carry no bias, so a zero context contributes only to_out's bias
+            # whatever its length: one token suffices.
+            context = jnp.zeros((x.shape[0], 1, self.context_dim), dtype)
+        if self.num_classes > 0 and not class_context:
             emb = emb + nn.Embed(
                 self.num_classes + 1,
                 emb_dim,

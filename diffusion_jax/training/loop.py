@@ -12,12 +12,13 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from diffusion_jax import checkpointing, metrics_io, parallel
+from diffusion_jax import checkpointing, latents, metrics_io, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation import sampling
-from diffusion_jax.models import create_model
+from diffusion_jax.models import create_model, init_inputs
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.step import make_train_step
 
@@ -56,17 +57,35 @@ def write_config(config, workdir: Path) -> None:
 
 def init_fns(config, model, optimizer):
     """(init_fn(key) -> TrainState, boxed abstract variables) for this model."""
-    d = config.data
-    x = jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    labels = jnp.zeros((1,), jnp.int32) if config.model.class_conditional else None
+    inputs = init_inputs(config)
 
     def init_fn(key):
-        params = nn.unbox(model.init(key, x, t, labels))["params"]
+        params = nn.unbox(model.init(key, *inputs))["params"]
         return state_lib.TrainState.create(params, optimizer)
 
-    boxed = jax.eval_shape(lambda k: model.init(k, x, t, labels), jax.random.key(0))
+    boxed = jax.eval_shape(lambda k: model.init(k, *inputs), jax.random.key(0))
     return init_fn, boxed["params"]
+
+
+def batch_spec(config, batch_size: int, sharding=None) -> dict:
+    """Shapes of a training batch: images (or latents, in a latent run), labels, and the
+    text context of text-conditioned models."""
+    if config.training.objective == "autoencoder":
+        size, channels = config.data.image_size, config.data.channels
+    else:
+        size, channels = config_lib.model_input_shape(config)
+    spec = {
+        "image": jax.ShapeDtypeStruct(
+            (batch_size, size, size, channels), jnp.float32, sharding=sharding
+        ),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),
+    }
+    m = config.model
+    if config.training.objective == "diffusion" and m.context_dim and m.context_source == "text":
+        spec["context"] = jax.ShapeDtypeStruct(
+            (batch_size, m.context_length, m.context_dim), jnp.float32, sharding=sharding
+        )
+    return spec
 
 
 class RunSetup(NamedTuple):
@@ -83,13 +102,20 @@ class RunSetup(NamedTuple):
     state_sharding: Any
     config: Any
     samplers: dict  # jitted samplers by return_x0_at, built once per run
+    decoder: Any = None  # (decode_fn, autoencoder params) of a latent run
 
     def sample_fn(self, return_x0_at=None):
         """The run's jitted sampler (`sampling.make_sample_fn`), compiled once and reused by
-        the training grids, evaluation and sample mode."""
+        the training grids, evaluation and sample mode; it returns decoded images in a
+        latent run."""
         if return_x0_at not in self.samplers:
             self.samplers[return_x0_at] = sampling.make_sample_fn(
-                self.model, self.sched, self.config, self.mesh, return_x0_at=return_x0_at
+                self.model,
+                self.sched,
+                self.config,
+                self.mesh,
+                return_x0_at=return_x0_at,
+                decoder=self.decoder,
             )
         return self.samplers[return_x0_at]
 
@@ -122,8 +148,26 @@ def setup_run(config, init_key, devices=None) -> RunSetup:
         mesh, abstract_state, abstract_state.params, parallel.logical_axes_tree(boxed_params)
     )
     abstract = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
+    decoder = None
+    if config_lib.is_latent(config):
+        autoencoder, ae_params = latents.load_autoencoder(config)
+        ae_params = jax.device_put(ae_params, parallel.replicated(mesh))
+        decoder = (
+            latents.make_decode_fn(autoencoder, config.autoencoder.scaling_factor),
+            ae_params,
+        )
     return RunSetup(
-        mesh, model, sched, optimizer, lr_schedule, init_fn, abstract, state_sharding, config, {}
+        mesh,
+        model,
+        sched,
+        optimizer,
+        lr_schedule,
+        init_fn,
+        abstract,
+        state_sharding,
+        config,
+        {},
+        decoder,
     )
 
 
@@ -138,17 +182,7 @@ GIB = 2**30
 def compile_and_plan_memory(train_step, state, config, mesh, train_key):
     """Compiles the step ahead of time, logs its memory per device, and refuses a run that
     will not fit the device with the number and the knobs to turn (instead of an XLA OOM)."""
-    d = config.data
-    batch = {
-        "image": jax.ShapeDtypeStruct(
-            (config.training.batch_size, d.image_size, d.image_size, d.channels),
-            jnp.float32,
-            sharding=parallel.batch_sharding(mesh),
-        ),
-        "label": jax.ShapeDtypeStruct(
-            (config.training.batch_size,), jnp.int32, sharding=parallel.batch_sharding(mesh)
-        ),
-    }
+    batch = batch_spec(config, config.training.batch_size, parallel.batch_sharding(mesh))
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch, train_key).compile()
     analysis = compiled.memory_analysis()
@@ -222,6 +256,33 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def write_reconstructions(run, params, config, path, num: int = 32) -> None:
+    """An autoencoder run's picture: rows of held-out images over their reconstructions
+    (decoded posterior means)."""
+    batch = sampling.padded_batch(num, run.mesh.size)
+    images = next(
+        pipeline.create_iterator(
+            config, run.mesh, split=config.data.eval_split, global_batch=batch, train=False
+        )
+    )["image"]
+    model = run.model
+
+    @jax.jit
+    def reconstruct(params, x):
+        mean, _ = model.apply({"params": params}, x, method=model.encode)
+        return model.apply({"params": params}, mean, method=model.decode)
+
+    recon = sampling.gather(reconstruct(params, images))[:num]
+    images = sampling.gather(images)[:num]
+    per_row = 8
+    rows = [
+        half[i : i + per_row]
+        for i in range(0, num - per_row + 1, per_row)
+        for half in (images, np.clip(recon, -1, 1))
+    ]
+    metrics_io.save_grid(path, np.concatenate(rows), rows=len(rows))
+
+
 def write_samples(sample_fn, params, config, mesh, key, path) -> None:
     num = config.sampling.num_samples
     batch = sampling.padded_batch(num, mesh.size)
@@ -242,6 +303,13 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     t_cfg = config.training
     config_lib.validate(config, jax.device_count())
     check_resumable_config(config, workdir)
+    if config_lib.is_latent(config):
+        config = latents.with_latents_dir(config, workdir)
+        if not latents.latents_exist(config, config.data.train_split):
+            log.info(
+                "latents: none in %s yet; encoding the training split once", config.data.latents
+            )
+            latents.encode_dataset(config, workdir)
 
     # Mesh, model and the abstract sharded state.
     init_key, train_key, sample_key = run_keys(config)
@@ -262,7 +330,8 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     )
 
     train_step = compile_and_plan_memory(run.make_step(), state, config, mesh, train_key)
-    sample_fn = run.sample_fn()
+    autoencoder_run = t_cfg.objective == "autoencoder"
+    sample_fn = None if autoencoder_run else run.sample_fn()
     batches = pipeline.create_iterator(
         config,
         mesh,
@@ -320,7 +389,10 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
             last = step == t_cfg.num_steps
             if step % t_cfg.log_every == 0 or last or preemption.requested:
                 pending = (step, metrics, progress.update(step))
-            if step % t_cfg.sample_every == 0 or last:
+            if (step % t_cfg.sample_every == 0 or last) and autoencoder_run:
+                path = workdir / "samples" / f"reconstructions_step_{step}.png"
+                write_reconstructions(run, state.ema_params, config, path)
+            elif step % t_cfg.sample_every == 0 or last:
                 write_samples(
                     sample_fn,
                     state.ema_params,

@@ -10,12 +10,14 @@ import optax
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel
+from diffusion_jax.models.autoencoder import autoencoder_loss, downsampling_factor
 from diffusion_jax.training.state import TrainState, ema_decay_at, ema_update
 
 
 def draw_step_inputs(key, batch, sched, *, num_classes: int, cond_drop_prob: float):
-    """The randomness of one step for the whole batch: t ~ U{0..T-1}, eps ~ N(0, I), and the
-    class labels with a fraction `cond_drop_prob` replaced by the null label `num_classes`.
+    """The randomness of one diffusion step for the whole batch: t ~ U{0..T-1}, eps ~ N(0, I),
+    and the conditioning with a fraction `cond_drop_prob` dropped: class labels replaced by
+    the null label `num_classes`, text contexts (batch["context"], (B, M, D)) by zeros.
 
     Drawn for the whole global batch before any micro-batching, so that gradient
     accumulation sees exactly the examples one large step would.
@@ -24,18 +26,39 @@ def draw_step_inputs(key, batch, sched, *, num_classes: int, cond_drop_prob: flo
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     t = dm.sample_timesteps(k_t, x0.shape[0], sched.num_timesteps)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    labels = None
+    drop = jax.random.bernoulli(k_drop, cond_drop_prob, (x0.shape[0],))
+    labels = context = None
     if num_classes > 0:
         labels = batch["label"]
         if cond_drop_prob > 0:
-            drop = jax.random.bernoulli(k_drop, cond_drop_prob, labels.shape)
             labels = jnp.where(drop, num_classes, labels)
-    return {"x0": x0, "t": t, "noise": noise, "labels": labels}
+    if "context" in batch:
+        context = jnp.where(drop[:, None, None], 0.0, batch["context"])
+    return {"x0": x0, "t": t, "noise": noise, "labels": labels, "context": context}
 
 
-def loss_fn(params, inputs, dropout_key, *, model, sched, diffusion_cfg, train: bool = True):
-    """Mean loss over a (micro-)batch and its mean terms."""
-    f = diffusion_cfg
+def draw_autoencoder_inputs(key, batch, latent_shape):
+    """The images and the noise of the posterior sample z = mean + std * noise."""
+    x0 = batch["image"]
+    noise = jax.random.normal(key, (x0.shape[0],) + tuple(latent_shape), jnp.float32)
+    return {"x0": x0, "noise": noise}
+
+
+def loss_fn(params, inputs, dropout_key, *, model, sched, config, train: bool = True):
+    """Mean loss over a (micro-)batch and its mean terms, for `config.training.objective`."""
+    if config.training.objective == "autoencoder":
+        x_hat, mean, logvar = model.apply({"params": params}, inputs["x0"], inputs["noise"])
+        a = config.autoencoder
+        loss, terms = autoencoder_loss(
+            inputs["x0"],
+            x_hat,
+            mean,
+            logvar,
+            kl_weight=a.kl_weight,
+            reconstruction=a.reconstruction,
+        )
+        return loss.mean(), {k: v.mean() for k, v in terms.items()}
+    f = config.diffusion
     x_t = dm.q_sample(sched, inputs["x0"], inputs["t"], inputs["noise"])
     out = model.apply(
         {"params": params},
@@ -43,6 +66,7 @@ def loss_fn(params, inputs, dropout_key, *, model, sched, diffusion_cfg, train: 
         inputs["t"],
         inputs["labels"],
         train=train,
+        context=inputs["context"],
         rngs={"dropout": dropout_key},
     )
     loss, terms = dm.diffusion_loss(
@@ -102,14 +126,19 @@ def train_step(
     """
     key = jax.random.fold_in(train_key, state.step)
     k_inputs, k_dropout = jax.random.split(key)
-    num_classes = config.data.num_classes if config.model.class_conditional else 0
-    inputs = draw_step_inputs(
-        k_inputs,
-        batch,
-        sched,
-        num_classes=num_classes,
-        cond_drop_prob=config.training.cond_drop_prob,
-    )
+    if config.training.objective == "autoencoder":
+        a = config.autoencoder
+        latent = batch["image"].shape[1] // downsampling_factor(a.ch_mult)
+        inputs = draw_autoencoder_inputs(k_inputs, batch, (latent, latent, a.latent_channels))
+    else:
+        num_classes = config.data.num_classes if config.model.class_conditional else 0
+        inputs = draw_step_inputs(
+            k_inputs,
+            batch,
+            sched,
+            num_classes=num_classes,
+            cond_drop_prob=config.training.cond_drop_prob,
+        )
     loss, terms, grads = compute_grads(
         state.params,
         inputs,
@@ -117,7 +146,7 @@ def train_step(
         grad_accum=config.training.grad_accum,
         model=model,
         sched=sched,
-        diffusion_cfg=config.diffusion,
+        config=config,
     )
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,215 @@
+"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3 and App. G).
+
+An image x (B, H, W, C) in [-1, 1] is encoded to the diagonal Gaussian q(z|x) = N(mean,
+exp(logvar)) over latents (B, H/f, W/f, latent_channels), f = 2^(len(ch_mult) - 1), and a
+latent is decoded back to an image. The diffusion model works on `scaling_factor * z`, which
+brings the latents to roughly unit variance (0.18215 for Stable Diffusion's VAE).
+
+Submodule names follow diffusers' AutoencoderKL, so published weights import by renaming
+and transposing (`convert.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models import layers
+
+Dtype = Any
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' clamp of the posterior log-variance
+
+
+class _Stack(nn.Module):
+    """Fields shared by the encoder and the decoder."""
+
+    ch_mult: tuple[int, ...]
+    ch: int
+    num_res_blocks: int
+    norm_groups: int
+    norm_eps: float
+    mid_attention: bool
+    dtype: Dtype
+
+    def resnet(self, out_channels, name):
+        return layers.ResnetBlock(
+            out_channels, 0.0, False, None, self.norm_groups, self.norm_eps, self.dtype, name=name
+        )
+
+    def mid_block(self, h):
+        h = self.resnet(h.shape[-1], "mid_block.resnets_0")(h, None, False)
+        if self.mid_attention:
+            h = layers.AttentionBlock(
+                1,
+                -1,
+                self.norm_groups,
+                self.norm_eps,
+                True,
+                self.dtype,
+                name="mid_block.attentions_0",
+            )(h)
+        return self.resnet(h.shape[-1], "mid_block.resnets_1")(h, None, False)
+
+    def out(self, h, channels):
+        norm = layers.group_norm(
+            "conv_norm_out", groups=self.norm_groups, eps=self.norm_eps, dtype=self.dtype
+        )
+        return layers.conv(channels, "conv_out", dtype=self.dtype)(nn.swish(norm(h)))
+
+
+class Encoder(_Stack):
+    """x (B, H, W, C) -> Gaussian moments (B, H/f, W/f, 2 * latent_channels)."""
+
+    out_channels: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        h = layers.conv(self.ch * self.ch_mult[0], "conv_in", dtype=self.dtype)(x)
+        last = len(self.ch_mult) - 1
+        for level, mult in enumerate(self.ch_mult):
+            for block in range(self.num_res_blocks):
+                h = self.resnet(self.ch * mult, f"down_blocks_{level}.resnets_{block}")(
+                    h, None, False
+                )
+            if level != last:
+                h = layers.Downsample(
+                    h.shape[-1], 0, self.dtype, name=f"down_blocks_{level}.downsamplers_0"
+                )(h)
+        return self.out(self.mid_block(h), self.out_channels)
+
+
+class Decoder(_Stack):
+    """z (B, h, w, latent_channels) -> image (B, h f, w f, out_channels)."""
+
+    out_channels: int = 3
+
+    @nn.compact
+    def __call__(self, z):
+        h = layers.conv(self.ch * self.ch_mult[-1], "conv_in", dtype=self.dtype)(z)
+        h = self.mid_block(h)
+        last = len(self.ch_mult) - 1
+        for level, mult in enumerate(reversed(self.ch_mult)):
+            for block in range(self.num_res_blocks + 1):
+                h = self.resnet(self.ch * mult, f"up_blocks_{level}.resnets_{block}")(
+                    h, None, False
+                )
+            if level != last:
+                h = layers.Upsample(
+                    h.shape[-1], self.dtype, name=f"up_blocks_{level}.upsamplers_0"
+                )(h)
+        return self.out(h, self.out_channels)
+
+
+def _one_by_one(features, dtype):
+    return nn.Conv(
+        features,
+        (1, 1),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(layers.default_init(), layers.CONV_AXES),
+    )
+
+
+class AutoencoderKL(nn.Module):
+    """encode: x -> (mean, logvar); decode: z -> x_hat; __call__: the training forward pass.
+
+    Layout as diffusers: encoder, quant_conv (1x1 on the moments), post_quant_conv (1x1 on
+    z), decoder.
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    latent_channels: int = 4
+    image_channels: int = 3
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    mid_attention: bool = True
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        stack = dict(
+            ch_mult=tuple(self.ch_mult),
+            ch=self.ch,
+            num_res_blocks=self.num_res_blocks,
+            norm_groups=self.norm_groups,
+            norm_eps=self.norm_eps,
+            mid_attention=self.mid_attention,
+            dtype=self.dtype,
+        )
+        self.encoder = Encoder(**stack, out_channels=2 * self.latent_channels)
+        self.decoder = Decoder(**stack, out_channels=self.image_channels)
+        self.quant_conv = _one_by_one(2 * self.latent_channels, self.dtype)
+        self.post_quant_conv = _one_by_one(self.latent_channels, self.dtype)
+
+    def encode(self, x):
+        """x (B, H, W, C) -> (mean, logvar), each (B, H/f, W/f, latent_channels) float32."""
+        moments = self.quant_conv(self.encoder(x.astype(self.dtype))).astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+    def decode(self, z):
+        """z (B, h, w, latent_channels) -> image (B, h f, w f, C) float32."""
+        return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(jnp.float32)
+
+    def __call__(self, x, noise):
+        """Reconstruction through a posterior sample z = mean + exp(logvar / 2) * noise.
+
+        noise: (B, H/f, W/f, latent_channels) standard normal. Returns (x_hat, mean, logvar).
+        """
+        mean, logvar = self.encode(x)
+        return self.decode(mean + jnp.exp(0.5 * logvar) * noise), mean, logvar
+
+
+def kl_to_standard_normal(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, I)) = 1/2 sum(mean^2 + exp(logvar) - 1 - logvar),
+    summed over every axis but the first: (B, ...) -> (B,)."""
+    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return kl.reshape(kl.shape[0], -1).sum(axis=1)
+
+
+def autoencoder_loss(x, x_hat, mean, logvar, *, kl_weight: float, reconstruction: str = "l1"):
+    """Latent diffusion's KL-autoencoder objective without the perceptual and adversarial terms,
+    per image element: (||x - x_hat||_1 + kl_weight KL(q(z|x) || N(0, I))) / (H W C).
+
+    (LDM sums both terms over the image; dividing by the pixel count keeps kl_weight's meaning
+    and gives a loss on the scale of a per-pixel error.) Returns (loss (B,), terms).
+    """
+    error = jnp.abs(x - x_hat) if reconstruction == "l1" else jnp.square(x - x_hat)
+    per_image = error.reshape(x.shape[0], -1)
+    pixels = per_image.shape[1]
+    kl = kl_to_standard_normal(mean, logvar)
+    loss = per_image.mean(axis=1) + kl_weight * kl / pixels
+    mse = jnp.square(x - x_hat).reshape(x.shape[0], -1).mean(axis=1)
+    return loss, {"reconstruction": per_image.mean(axis=1), "kl": kl, "mse": mse}
+
+
+def downsampling_factor(ch_mult) -> int:
+    return 2 ** (len(ch_mult) - 1)
+
+
+def create_autoencoder(config) -> AutoencoderKL:
+    """The autoencoder described by `config.autoencoder` for images of `config.data.channels`."""
+    a = config.autoencoder
+    return AutoencoderKL(
+        ch=a.ch,
+        ch_mult=tuple(a.ch_mult),
+        num_res_blocks=a.num_res_blocks,
+        latent_channels=a.latent_channels,
+        image_channels=config.data.channels,
+        norm_groups=a.norm_groups,
+        norm_eps=a.norm_eps,
+        mid_attention=a.mid_attention,
+        dtype=jnp.dtype(config.model.dtype),
+    )
+
+
+def blur_baseline(images, factor: int):
+    """The images average-pooled by `factor` and resized back (bilinear): what a latent grid
+    of the same spatial size could carry with no learning at all. (B, H, W, C) -> same."""
+    b, h, w, c = images.shape
+    pooled = nn.avg_pool(images, (factor, factor), strides=(factor, factor))
+    return jax.image.resize(pooled, (b, h, w, c), "bilinear")
