@@ -465,9 +465,11 @@ def text_encoder_from_transformers(folder) -> tuple[dict, dict]:
         jax.random.key(0),
     )
     tensors = load_file(str(_require_file(folder / TEXT_ENCODER_FILE, "the text encoder weights")))
+    # Published files (transformers 4) name tensors "text_model.*"; transformers 5 drops it.
+    prefix = TEXT_PREFIX if any(name.startswith(TEXT_PREFIX) for name in tensors) else ""
     # A buffer of positions 0..L-1 some files carry; it holds no parameters.
-    tensors.pop(TEXT_PREFIX + "embeddings.position_ids", None)
-    return match_tensors(tensors, nn.unbox(shapes)["params"], prefix=TEXT_PREFIX), fields
+    tensors.pop(prefix + "embeddings.position_ids", None)
+    return match_tensors(tensors, nn.unbox(shapes)["params"], prefix=prefix), fields
 
 
 def text_encoder_to_transformers(params, fields: dict, folder) -> None:
