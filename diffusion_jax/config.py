@@ -73,8 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
     a.kl_weight = 1e-6
     a.reconstruction = "l1"  # or "mse"
 
-    # CLIP's text transformer, for prompts (Stable Diffusion); read from `pretrained`.
+    # CLIP's text transformer: Stable Diffusion's (read from `pretrained`), or the one that
+    # turns captions into contexts at --mode=encode and prompts into contexts at sampling
+    # for "text" models: `weights` is a folder holding text_encoder/ and tokenizer/.
     c.text_encoder = te = ml_collections.ConfigDict()
+    te.weights = ""
     te.vocab_size = 49408
     te.width = 768
     te.num_layers = 12
@@ -132,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     s.sampler = "ddim"
     s.num_steps = 50
     s.spacing = ""  # "" uses the sampler's default spacing
+    # Explicit descending timesteps, overriding num_steps and spacing; e.g. diffusers'
+    # "leading" spacing of Stable Diffusion's scheduler (steps_offset=1) for 5 steps is
+    # (801, 601, 401, 201, 1).
+    s.timesteps = ()
     s.eta = 0.0
     s.num_samples = 64
     s.guidance_scale = -1.0  # < 0: no guidance
@@ -217,6 +224,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "sampling.spacing",
         f"unknown {s.spacing!r}; choose one of {samplers.SPACINGS}",
     )
+    steps = list(s.timesteps)
+    _require(
+        all(0 <= a < f.num_timesteps for a in steps) and steps == sorted(set(steps), reverse=True),
+        "sampling.timesteps",
+        f"must be distinct, descending and in [0, diffusion.num_timesteps={f.num_timesteps})",
+    )
     _require(
         1 <= s.num_steps <= f.num_timesteps,
         "sampling.num_steps",
@@ -245,6 +258,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "autoencoder.norm_groups",
             f"{a.norm_groups} groups do not divide the channel counts {sorted(ae_channels)}",
         )
+    text = m.context_dim > 0 and m.context_source == "text"
+    _require(
+        not text or m.context_length >= 1,
+        "model.context_length",
+        "must be >= 1 for a text context",
+    )
     if is_latent(config):
         _require(
             "bpd" not in config.eval.metrics,

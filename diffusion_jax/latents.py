@@ -148,7 +148,7 @@ def _local_batches(config, split: str, per_host: int):
         num_batches = -(-max(len(p) for p in parts) // per_host)
         for i in range(num_batches):
             idx = mine[i * per_host : (i + 1) * per_host]
-            yield {"image": images[idx], "label": labels[idx]}
+            yield {"image": images[idx], "label": labels[idx], "index": idx}
         return
     from diffusion_jax.data import tfds_source
 
@@ -176,6 +176,7 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
     per_host = global_batch // jax.process_count()
     d = config.data
     shards, pending, total = 0, [], 0
+    moments = np.zeros(2)  # sum and sum of squares of the scaled latents, for the log
 
     def flush():
         nonlocal shards, pending
@@ -186,6 +187,9 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
         np.savez(out_dir / name, **arrays)
         shards, pending = shards + 1, []
 
+    captions = encoder = None
+    if config.model.context_dim > 0 and config.model.context_source == "text":
+        captions, encoder = _captions_and_encoder(config, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     for batch in _local_batches(config, split, per_host):
         valid = len(batch["image"])
@@ -195,7 +199,10 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
         local = np.asarray(local_rows(latents, mesh))[:valid]
         if valid:
             pending.append({"latent": local, "label": np.asarray(batch["label"][:valid])})
+            if encoder is not None:
+                pending[-1]["context"] = encoder([captions[i] for i in batch["index"]])
             total += valid
+            moments += (local.sum(), np.square(local).sum())
         if sum(len(p["latent"]) for p in pending) >= SHARD_EXAMPLES:
             flush()
     flush()
@@ -209,8 +216,47 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
             "image_size": d.image_size,
         }
         (out_dir / f"{split}-meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("encode: %d examples of %s/%s -> %s", total, d.dataset, split, out_dir)
+    size, channels = config_lib.model_input_shape(config)
+    count = max(total * size * size * channels, 1)  # this process's latents
+    std = float(np.sqrt(max(moments[1] / count - (moments[0] / count) ** 2, 0.0)))
+    log.info(
+        "encode: %d examples of %s/%s -> %s; scaled latents have std %.3f (for unit variance "
+        "set autoencoder.scaling_factor=%.4g)",
+        total,
+        d.dataset,
+        split,
+        out_dir,
+        std,
+        scaling / std if std > 0 else scaling,
+    )
     return out_dir
+
+
+def _captions_and_encoder(config, split):
+    """The captions of a folder data set and the text encoder of text_encoder.weights, checked
+    against the model's context shape."""
+    from diffusion_jax.data import folder
+    from diffusion_jax.prompts import PromptEncoder
+
+    m, d = config.model, config.data
+    if d.dataset != "folder":
+        raise config_lib.ConfigError(
+            "config.data.dataset: text contexts are encoded from the captions of an image "
+            "folder (<image>.txt beside each image); use dataset='folder'"
+        )
+    if not config.text_encoder.weights:
+        raise config_lib.ConfigError(
+            "config.text_encoder.weights: a folder with text_encoder/ and tokenizer/ is needed "
+            "to encode captions (a Stable Diffusion pipeline folder works)"
+        )
+    encoder = PromptEncoder.from_folder(config.text_encoder.weights)
+    if (encoder.max_length, encoder.width) != (m.context_length, m.context_dim):
+        raise config_lib.ConfigError(
+            f"config.model.context_dim: the text encoder gives contexts of {encoder.max_length} "
+            f"x {encoder.width}; set model.context_length={encoder.max_length} and "
+            f"model.context_dim={encoder.width}"
+        )
+    return folder.load_captions(d.data_dir, split), encoder
 
 
 def parallel_local_to_global(rows: np.ndarray, mesh) -> jax.Array:

@@ -13,3 +13,11 @@ def tiny_config(**model_overrides):
     for key, value in model_overrides.items():
         m[key] = value
     return config
+
+
+def override(config, **fields):
+    """Sets "section.field" keys (given as keyword names with dots) on config; returns it."""
+    for key, value in fields.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config

@@ -92,3 +92,26 @@ def test_changed_model_config_refuses_to_resume(digits_smoke_run):
     )
     assert result.returncode == 2
     assert "config.model.ch" in result.stderr and "allow_config_change" in result.stderr
+
+
+def test_text_to_image_from_a_pipeline_folder(tmp_path):
+    import numpy as np
+
+    common = ["--config=configs/sd15_sample.py", f"--workdir={tmp_path}", "--mode=sample"]
+    result = run_cli(
+        *common,
+        "--config.pretrained=tests/fixtures/tiny_sd",
+        "--config.sampling.num_steps=3",
+        "--config.sampling.num_samples=2",
+        "--config.sampling.prompt=a fox in the snow",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = np.load(tmp_path / "samples" / "prompt_0.npz")["arr_0"]
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert (tmp_path / "samples" / "prompt_0.png").exists()
+    settings = json.loads((tmp_path / "samples" / "prompt_0.json").read_text())
+    assert settings["prompt"] == "a fox in the snow" and settings["num_steps"] == 3
+    # A missing pipeline folder fails in one line naming what is missing.
+    result = run_cli(*common, f"--config.pretrained={tmp_path / 'nowhere'}")
+    assert result.returncode == 2
+    assert "model_index.json does not exist" in result.stderr.strip().splitlines()[-1]

@@ -22,6 +22,9 @@ RECIPES = {
     "celebahq256.py": ["", "smoke"],
     "lsun256.py": ["church", "bedroom", "church,smoke", "bedroom,smoke"],
     "imagenet64.py": ["", "cond", "smoke"],
+    "digits_latent.py": ["", "autoencoder", "smoke", "autoencoder,smoke"],
+    "celebahq256_latent.py": ["", "autoencoder", "smoke", "autoencoder,smoke"],
+    "sd15_sample.py": ["", "dpm"],
 }
 
 

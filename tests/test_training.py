@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import override, tiny_config
 
 from diffusion_jax import parallel
 from diffusion_jax.training import loop
@@ -18,10 +18,7 @@ def small_config(**overrides):
     config.training.batch_size = 16
     config.model.dropout = 0.0
     config.optim.warmup_steps = 2
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
+    return override(config, **overrides)
 
 
 def batch_for(config, seed=0):

@@ -1,5 +1,6 @@
 """A folder of images as a data set: PNG/JPEG files, either directly in the folder (no labels)
 or in one sub-folder per class (labels in sorted sub-folder order, as ImageFolder does).
+A caption for text conditioning is a `.txt` file beside its image (`cat.png`, `cat.txt`).
 
 Held in memory after a square center crop and an antialiased resize, so it suits folders of
 up to a few hundred thousand small images; every 20th file (in sorted order) is the "test"
@@ -51,16 +52,35 @@ def load_image(path, image_size: int, channels: int) -> np.ndarray:
     return array[..., None] if channels == 1 else array
 
 
-@functools.lru_cache(maxsize=4)
-def load_folder(folder: str, split: str, image_size: int, channels: int):
-    """(images (N, S, S, C) float32 in [-1, 1], labels (N,) int32) of a split of the folder."""
-    files, labels = list_images(folder)
-    index = np.arange(len(files))
-    keep = index % TEST_EVERY == 0 if split == "test" else index % TEST_EVERY != 0
+def split_indices(num_files: int, split: str) -> np.ndarray:
+    """Indices of the files of `split`: every TEST_EVERY-th file is "test", the rest "train"."""
     if split not in ("train", "test"):
         raise ValueError(
             f"config.data.train_split/eval_split: an image folder has 'train' and "
             f"'test', not {split!r}"
         )
-    images = np.stack([load_image(files[i], image_size, channels) for i in index[keep]])
+    index = np.arange(num_files)
+    return index[index % TEST_EVERY == 0] if split == "test" else index[index % TEST_EVERY != 0]
+
+
+def load_captions(folder: str, split: str) -> list[str]:
+    """The caption of each image of `split`, in load_folder's order, from `<image>.txt`."""
+    files, _ = list_images(folder)
+    captions = []
+    for i in split_indices(len(files), split):
+        text_file = files[i].with_suffix(".txt")
+        if not text_file.exists():
+            raise FileNotFoundError(
+                f"config.data.data_dir: {files[i].name} has no caption file {text_file.name}"
+            )
+        captions.append(text_file.read_text(encoding="utf-8").strip())
+    return captions
+
+
+@functools.lru_cache(maxsize=4)
+def load_folder(folder: str, split: str, image_size: int, channels: int):
+    """(images (N, S, S, C) float32 in [-1, 1], labels (N,) int32) of a split of the folder."""
+    files, labels = list_images(folder)
+    keep = split_indices(len(files), split)
+    images = np.stack([load_image(files[i], image_size, channels) for i in keep])
     return images.astype(np.float32) / 127.5 - 1.0, labels[keep]

@@ -62,23 +62,25 @@ def restore_ema(config, workdir, step: int | None, run=None):
 
 def generate(config, run, params, num: int, key, *, labels=None, progress_every: int = 1):
     """`num` samples as uint8 (num, H, W, C), drawn in batches of sampling.batch_size split
-    over all devices, with samples/s and ETA in the log."""
+    over all devices, with samples/s and ETA in the log.
+
+    labels: (num,) class labels or, for text models, (num, M, D) contexts; None draws
+    random classes for class-conditional models and samples the others unconditionally."""
     sample_fn = run.sample_fn()
     batch = sampling.padded_batch(min(config.sampling.batch_size, num), run.mesh.size)
     progress = metrics_io.Progress(num, unit="samples")
     out, done = [], 0
     for i in range(-(-num // batch)):
         batch_labels = None
-        if config.model.class_conditional:
-            batch_labels = (
-                labels[done : done + batch]
-                if labels is not None
-                else jax.random.randint(
-                    jax.random.fold_in(key, 10_000 + i), (batch,), 0, config.data.num_classes
-                )
+        if labels is not None:
+            batch_labels = jnp.asarray(labels[done : done + batch])
+        elif config.model.class_conditional:
+            batch_labels = jax.random.randint(
+                jax.random.fold_in(key, 10_000 + i), (batch,), 0, config.data.num_classes
             )
-            if batch_labels.shape[0] < batch:
-                batch_labels = jnp.pad(batch_labels, (0, batch - batch_labels.shape[0]))
+        if batch_labels is not None and batch_labels.shape[0] < batch:
+            pad = [(0, batch - batch_labels.shape[0])] + [(0, 0)] * (batch_labels.ndim - 1)
+            batch_labels = jnp.pad(batch_labels, pad)
         images = sampling.gather(sample_fn(params, jax.random.fold_in(key, i), batch_labels, batch))
         out.append(metrics_io.to_uint8(images))
         done = min(done + batch, num)
@@ -196,7 +198,6 @@ def reconstruction_scores(config, run, params) -> dict:
     MSE of the blur baseline (`autoencoder.blur_baseline` at the latent resolution)."""
     from diffusion_jax.models import autoencoder as ae_lib
 
-    model = run.model
     factor = ae_lib.downsampling_factor(config.autoencoder.ch_mult)
     batch = sampling.padded_batch(
         min(config.sampling.batch_size, config.eval.num_samples), run.mesh.size
@@ -205,28 +206,27 @@ def reconstruction_scores(config, run, params) -> dict:
         config, run.mesh, split=config.data.eval_split, global_batch=batch, train=False
     )
 
-    @jax.jit
-    def errors(params, x):
-        mean, _ = model.apply({"params": params}, x, method=model.encode)
-        x_hat = jnp.clip(model.apply({"params": params}, mean, method=model.decode), -1, 1)
-        blur = ae_lib.blur_baseline(x, factor)
-        per_image = lambda e: e.reshape(e.shape[0], -1).mean(axis=1)
-        return (
-            per_image((x - x_hat) ** 2),
-            per_image(jnp.abs(x - x_hat)),
-            per_image((x - blur) ** 2),
-        )
+    reconstruct = run.reconstruct_fn()
+    blur = jax.jit(lambda x: ae_lib.blur_baseline(x, factor))
 
-    out = [[], [], []]
+    def per_image(error):
+        return error.reshape(error.shape[0], -1).mean(axis=1)
+
+    mse, l1, blur_mse = [], [], []
     for _ in range(-(-config.eval.num_samples // batch)):
-        for acc, value in zip(out, errors(params, next(batches)["image"]), strict=True):
-            acc.append(sampling.gather(value))
-    mse, l1, blur = (np.concatenate(v)[: config.eval.num_samples] for v in out)
+        x = next(batches)["image"]
+        x_hat, x_blur = sampling.gather(reconstruct(params, x)), sampling.gather(blur(x))
+        x = sampling.gather(x)
+        mse.append(per_image((x - x_hat) ** 2))
+        l1.append(per_image(np.abs(x - x_hat)))
+        blur_mse.append(per_image((x - x_blur) ** 2))
+    num = config.eval.num_samples
+    mse, l1, blur_mse = (np.concatenate(v)[:num] for v in (mse, l1, blur_mse))
     return {
         "reconstruction_mse": float(mse.mean()),
         "reconstruction_l1": float(l1.mean()),
         "psnr": float(np.mean(10 * np.log10(4.0 / np.maximum(mse, 1e-12)))),
-        "blur_mse": float(blur.mean()),
+        "blur_mse": float(blur_mse.mean()),
     }
 
 
@@ -322,6 +322,9 @@ def sample(config, workdir) -> Path:
     key = jax.random.fold_in(sample_key, 2_000_000 + step)
     num = config.sampling.num_samples
     labels = sampling.grid_labels(config, num)
+    m = config.model
+    if m.context_dim > 0 and m.context_source == "text" and config.sampling.prompt:
+        labels = prompt_contexts(config, num)
     images = generate(config, run, params, num, key, labels=labels)
     out_dir = Path(workdir) / "samples"
     out = out_dir / f"sample_step_{step}"
@@ -330,12 +333,25 @@ def sample(config, workdir) -> Path:
         np.savez(
             out.with_suffix(".npz"),
             arr_0=images,
-            labels=np.asarray(labels) if labels is not None else np.zeros(0, np.int32),
+            labels=np.asarray(labels) if np.ndim(labels) == 1 else np.zeros(0, np.int32),
         )
         rows = config.data.num_classes if config.model.class_conditional else None
         metrics_io.save_grid(out.with_suffix(".png"), uint8_to_model_range(images), rows=rows)
     write_reverse_process(config, run, params, key, out_dir / f"reverse_step_{step}.png")
     return out.with_suffix(".png")
+
+
+def prompt_contexts(config, num: int) -> np.ndarray:
+    """sampling.prompt through text_encoder.weights, repeated: (num, M, D)."""
+    from diffusion_jax.prompts import PromptEncoder
+
+    if not config.text_encoder.weights:
+        raise config_lib.ConfigError(
+            "config.text_encoder.weights: sampling.prompt needs the text encoder the model was "
+            "trained with (a folder with text_encoder/ and tokenizer/)"
+        )
+    context = PromptEncoder.from_folder(config.text_encoder.weights)(config.sampling.prompt)
+    return np.broadcast_to(context, (num,) + context.shape[1:])
 
 
 def write_reverse_process(config, run, params, key, path, num_images: int = 8, frames: int = 8):

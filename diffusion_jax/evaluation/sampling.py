@@ -22,14 +22,15 @@ def schedule_from_config(config) -> dm.Schedule:
 
 
 def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None, decoder=None):
-    """A jitted fn(params, key, cond, batch_size) -> images (B, H, W, C).
+    """A jitted fn(params, key, cond, batch_size, x_T=None) -> images (B, H, W, C).
 
     cond: class labels (B,) int32, or for text-conditioned models a context (B, M, D); None
     samples unconditionally. The parameters are a traced argument (not constants of the
     program) and the batch is split over every device of the mesh; one compile per batch
-    size. `decoder` = (decode_fn, decoder_params) turns latents into images (latent
-    diffusion), and `fn.null_context` (B', M, D) | None is the unconditional context of
-    guidance for text models (zeros when None).
+    size. x_T (B, h, w, c), the starting noise, is drawn from `key` when not given.
+    `decoder` = (decode_fn, decoder_params) turns latents into images (latent diffusion),
+    and `fn.null_context` (B', M, D) | None is the unconditional context of guidance for
+    text models (zeros when None).
     """
     s = config.sampling
     guidance = s.guidance_scale if s.guidance_scale >= 0 else None
@@ -37,7 +38,9 @@ def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None, decoder=Non
     text = config.model.context_dim > 0 and config.model.context_source == "text"
     decode_fn, decoder_params = decoder if decoder is not None else (None, None)
 
-    def run(params, key, cond, batch_size, decoder_params, null_context):
+    timesteps = np.asarray(s.timesteps, np.int32) if len(s.timesteps) else None
+
+    def run(params, key, cond, batch_size, decoder_params, null_context, x_T):
         def model_fn(x, t, y):
             if not text:
                 return model.apply({"params": params}, x, t, y, train=False)
@@ -46,8 +49,9 @@ def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None, decoder=Non
                 context = jnp.broadcast_to(context, (x.shape[0],) + context.shape[1:])
             return model.apply({"params": params}, x, t, None, train=False, context=context)
 
-        shape = (batch_size, size, size, channels)
-        x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+        if x_T is None:
+            shape = (batch_size, size, size, channels)
+            x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, parallel.batch_sharding(mesh))
         out = dm.sample(
             model_fn,
@@ -57,6 +61,7 @@ def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None, decoder=Non
             sampler=s.sampler,
             num_steps=s.num_steps,
             spacing=s.spacing or None,
+            timesteps=timesteps,
             eta=s.eta,
             prediction=config.diffusion.prediction,
             variance=config.diffusion.variance,
@@ -71,8 +76,8 @@ def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None, decoder=Non
 
     jitted = jax.jit(run, static_argnums=(3,))
 
-    def sample_fn(params, key, cond, batch_size):
-        return jitted(params, key, cond, batch_size, decoder_params, sample_fn.null_context)
+    def sample_fn(params, key, cond, batch_size, x_T=None):
+        return jitted(params, key, cond, batch_size, decoder_params, sample_fn.null_context, x_T)
 
     sample_fn.null_context = None
     return sample_fn

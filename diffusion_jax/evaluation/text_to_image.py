@@ -21,8 +21,9 @@ import numpy as np
 from diffusion_jax import config as config_lib
 from diffusion_jax import latents, metrics_io, parallel
 from diffusion_jax.evaluation import sampling
-from diffusion_jax.models import convert, create_autoencoder, create_text_encoder, create_unet
+from diffusion_jax.models import convert, create_autoencoder, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
+from diffusion_jax.prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,9 @@ def pipeline_config(config) -> tuple[dict, ml_collections.ConfigDict]:
     return params, merged
 
 
-def encode_prompts(config, params, prompts: list[str]) -> jax.Array:
-    """(len(prompts), 77, width) last hidden states of CLIP's text transformer."""
-    tokenizer = CLIPTokenizer.from_folder(Path(config.pretrained) / "tokenizer")
-    tokens = jnp.asarray(tokenizer(prompts))
-    model = create_text_encoder(config)
-    return jax.jit(model.apply)({"params": params}, tokens)
-
-
-def sample(config, workdir) -> Path:
-    """Samples sampling.num_samples images of sampling.prompt (module doc)."""
+def build_sampler(config):
+    """(config of the pipeline, fn(key, batch_size, x_T=None) -> images (B, H, W, C) in
+    [-1, 1] of sampling.prompt, guided against sampling.negative_prompt)."""
     s = config.sampling
     if not s.prompt:
         raise config_lib.ConfigError(
@@ -60,7 +54,12 @@ def sample(config, workdir) -> Path:
         )
     params, config = pipeline_config(config)
     mesh = parallel.make_mesh(config)
-    contexts = encode_prompts(config, params["text_encoder"], [s.prompt, s.negative_prompt])
+    encoder = PromptEncoder(
+        params["text_encoder"],
+        config.text_encoder.to_dict(),
+        CLIPTokenizer.from_folder(Path(config.pretrained) / "tokenizer"),
+    )
+    contexts = jnp.asarray(encoder([s.prompt, s.negative_prompt]))
     decoder = (
         latents.make_decode_fn(create_autoencoder(config), config.autoencoder.scaling_factor),
         jax.device_put(params["autoencoder"], parallel.replicated(mesh)),
@@ -73,13 +72,25 @@ def sample(config, workdir) -> Path:
         decoder=decoder,
     )
     sample_fn.null_context = contexts[1:2]
-    batch = sampling.padded_batch(min(s.batch_size, s.num_samples), mesh.size)
-    cond = jnp.broadcast_to(contexts[0:1], (batch,) + contexts.shape[1:])
-    key = jax.random.key(config.training.seed)
     unet = jax.device_put(params["unet"], parallel.replicated(mesh))
+
+    def generate(key, batch_size: int, x_T=None):
+        cond = jnp.broadcast_to(contexts[0:1], (batch_size,) + contexts.shape[1:])
+        return sample_fn(unet, key, cond, batch_size, x_T)
+
+    generate.mesh = mesh
+    return config, generate
+
+
+def sample(config, workdir) -> Path:
+    """Samples sampling.num_samples images of sampling.prompt (module doc)."""
+    config, generate = build_sampler(config)
+    s = config.sampling
+    batch = sampling.padded_batch(min(s.batch_size, s.num_samples), generate.mesh.size)
+    key = jax.random.key(config.training.seed)
     images, t0 = [], time.perf_counter()
     for i in range(-(-s.num_samples // batch)):
-        out = sampling.gather(sample_fn(unet, jax.random.fold_in(key, i), cond, batch))
+        out = sampling.gather(generate(jax.random.fold_in(key, i), batch))
         images.append(metrics_io.to_uint8(out))
     images = np.concatenate(images)[: s.num_samples]
     log.info(

@@ -119,6 +119,20 @@ class RunSetup(NamedTuple):
             )
         return self.samplers[return_x0_at]
 
+    def reconstruct_fn(self):
+        """An autoencoder run's jitted fn(params, images) -> decoded posterior means in
+        [-1, 1], compiled once per run."""
+        if "reconstruct" not in self.samplers:
+            model = self.model
+
+            def reconstruct(params, x):
+                mean, _ = model.apply({"params": params}, x, method=model.encode)
+                x_hat = model.apply({"params": params}, mean, method=model.decode)
+                return jnp.clip(x_hat, -1.0, 1.0)
+
+            self.samplers["reconstruct"] = jax.jit(reconstruct)
+        return self.samplers["reconstruct"]
+
     def init_state(self, init_key) -> state_lib.TrainState:
         """A fresh state, created already sharded: no host ever holds all of it."""
         return jax.jit(self.init_fn, out_shardings=self.state_sharding)(init_key)
@@ -265,20 +279,13 @@ def write_reconstructions(run, params, config, path, num: int = 32) -> None:
             config, run.mesh, split=config.data.eval_split, global_batch=batch, train=False
         )
     )["image"]
-    model = run.model
-
-    @jax.jit
-    def reconstruct(params, x):
-        mean, _ = model.apply({"params": params}, x, method=model.encode)
-        return model.apply({"params": params}, mean, method=model.decode)
-
-    recon = sampling.gather(reconstruct(params, images))[:num]
+    recon = sampling.gather(run.reconstruct_fn()(params, images))[:num]
     images = sampling.gather(images)[:num]
     per_row = 8
     rows = [
         half[i : i + per_row]
         for i in range(0, num - per_row + 1, per_row)
-        for half in (images, np.clip(recon, -1, 1))
+        for half in (images, recon)
     ]
     metrics_io.save_grid(path, np.concatenate(rows), rows=len(rows))
 
