@@ -98,8 +98,19 @@ def load_autoencoder(config):
         params, saved = export.load_params(source)
         check_architecture(config, saved.autoencoder.to_dict(), source)
     else:
-        saved = json.loads((source / "config.json").read_text())
-        check_architecture(config, saved["autoencoder"], source / "config.json")
+        run_config = source / "config.json"
+        if not run_config.exists():
+            raise FileNotFoundError(
+                f"config.autoencoder.weights: {source} is not an autoencoder run (no config.json), "
+                "an exported .msgpack or a diffusers AutoencoderKL folder"
+            )
+        saved = json.loads(run_config.read_text())
+        if saved["training"].get("objective") != "autoencoder":
+            raise config_lib.ConfigError(
+                f"config.autoencoder.weights: {source} trained "
+                f"{saved['training'].get('objective', 'diffusion')!r}, not an autoencoder"
+            )
+        check_architecture(config, saved["autoencoder"], run_config)
         manager = checkpointing.make_manager(source, read_only=True)
         steps = manager.all_steps()
         if not steps:
@@ -170,6 +181,7 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
     out_dir = latents_dir(config, workdir)
     mesh = parallel.make_mesh(config)
     model, params = load_autoencoder(config)
+    params = jax.device_put(params, parallel.replicated(mesh))
     scaling = config.autoencoder.scaling_factor
     encode = make_encode_fn(model, scaling, mesh)
     global_batch = sampling.padded_batch(config.sampling.batch_size, mesh.size)

@@ -6,14 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import FAST_COMPILE
 
 ROOT = Path(__file__).parents[1]
 
 
-def run_cli(*args, timeout=600):
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
+def run_cli(*args, timeout=600, fast_compile=True):
+    """The command in a subprocess on one CPU device. fast_compile trades run time for
+    compile time (XLA's lowest optimisation level): right for a few steps, not for hundreds."""
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE if fast_compile else "", "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
         [sys.executable, "-m", "diffusion_jax", *args],
         cwd=ROOT,
@@ -46,6 +49,7 @@ def test_end_to_end_writes_every_output(digits_smoke_run):
         assert key in rows[-1], key
     assert (workdir / "checkpoints" / "2").is_dir()
     assert (workdir / "samples" / "step_2.png").exists()
+    assert np.load(workdir / "samples" / "step_2.npz")["arr_0"].shape == (8, 16, 16, 1)
     assert list((workdir / "tensorboard").iterdir())
     assert "ETA" in result.stderr and "steps/s" in result.stderr
 
@@ -95,8 +99,6 @@ def test_changed_model_config_refuses_to_resume(digits_smoke_run):
 
 
 def test_text_to_image_from_a_pipeline_folder(tmp_path):
-    import numpy as np
-
     common = ["--config=configs/sd15_sample.py", f"--workdir={tmp_path}", "--mode=sample"]
     result = run_cli(
         *common,

@@ -279,3 +279,23 @@ def test_text_to_image_equals_the_diffusers_pipeline(reference):
     inside = (theirs > 0.01) & (theirs < 0.99)  # pixels the [0, 1] clamp leaves alone
     assert inside.mean() > 0.3
     np.testing.assert_allclose(ours, theirs, atol=2e-4)
+
+
+def test_autoencoder_weights_problems_name_the_field(tmp_path):
+    from diffusion_jax import latents
+    from diffusion_jax.config import ConfigError, base_config
+
+    config = base_config()
+    config.autoencoder.weights = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="config.autoencoder.weights: .* does not exist"):
+        latents.load_autoencoder(config)
+    config.autoencoder.weights = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not an autoencoder run"):
+        latents.load_autoencoder(config)
+    (tmp_path / "config.json").write_text(base_config().to_json())
+    with pytest.raises(ConfigError, match="trained 'diffusion', not an autoencoder"):
+        latents.load_autoencoder(config)
+    # Stable Diffusion-like VAE of 8/16 channels against the default 128-channel config.
+    config.autoencoder.weights = str(TINY_SD / "vae")
+    with pytest.raises(ConfigError, match=r"config.autoencoder.ch: 128 differs from 8"):
+        latents.load_autoencoder(config)

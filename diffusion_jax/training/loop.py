@@ -291,12 +291,19 @@ def write_reconstructions(run, params, config, path, num: int = 32) -> None:
 
 
 def write_samples(sample_fn, params, config, mesh, key, path) -> None:
+    """The grid PNG at `path` and, beside it (.npz), its uint8 images (arr_0) and labels."""
     num = config.sampling.num_samples
     batch = sampling.padded_batch(num, mesh.size)
     labels = sampling.grid_labels(config, batch)
     images = sampling.gather(sample_fn(params, key, labels, batch))[:num]
     rows = config.data.num_classes if config.model.class_conditional else None
     metrics_io.save_grid(path, images, rows=rows)
+    if parallel.is_main_process():
+        np.savez(
+            Path(path).with_suffix(".npz"),
+            arr_0=metrics_io.to_uint8(images),
+            labels=np.asarray(labels)[:num] if labels is not None else np.zeros(0, np.int32),
+        )
 
 
 def train_and_evaluate(config, workdir) -> state_lib.TrainState:
