@@ -9,7 +9,8 @@ Diffusion's `vae/`). Its architecture must equal `config.autoencoder`.
 split once: every device encodes a slice of each batch, each process writes its own shards
 `<data.latents>/<split>-<process>-<shard>.npz` holding `latent` (N, h, w, c) float32 already
 multiplied by `autoencoder.scaling_factor`, `label` (N,), and `context` (N, M, D) when the
-data carry text embeddings; `meta.json` records the shape and the autoencoder.
+data carry text embeddings; `<split>-meta.json` records the shape and the autoencoder.
+Several hosts need `data.latents` on a file system they all see (as checkpoints do).
 """
 
 from __future__ import annotations
@@ -228,6 +229,11 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
             "image_size": d.image_size,
         }
         (out_dir / f"{split}-meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # Every host reads every shard next: none may start before all are written.
+        multihost_utils.sync_global_devices("latent shards written")
     size, channels = config_lib.model_input_shape(config)
     count = max(total * size * size * channels, 1)  # this process's latents
     std = float(np.sqrt(max(moments[1] / count - (moments[0] / count) ** 2, 0.0)))
