@@ -173,6 +173,11 @@ def is_latent(config) -> bool:
     )
 
 
+def is_text_conditioned(config) -> bool:
+    """A U-Net cross-attending to text contexts (precomputed embeddings or prompts)."""
+    return config.model.context_dim > 0 and config.model.context_source == "text"
+
+
 def model_input_shape(config) -> tuple[int, int]:
     """(size, channels) of what the trained network sees: the images, or their latents
     (size / 2^(len(autoencoder.ch_mult) - 1), autoencoder.latent_channels)."""
@@ -258,9 +263,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "autoencoder.norm_groups",
             f"{a.norm_groups} groups do not divide the channel counts {sorted(ae_channels)}",
         )
-    text = m.context_dim > 0 and m.context_source == "text"
     _require(
-        not text or m.context_length >= 1,
+        not is_text_conditioned(config) or m.context_length >= 1,
         "model.context_length",
         "must be >= 1 for a text context",
     )

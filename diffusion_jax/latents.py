@@ -201,7 +201,7 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
         shards, pending = shards + 1, []
 
     captions = encoder = None
-    if config.model.context_dim > 0 and config.model.context_source == "text":
+    if config_lib.is_text_conditioned(config):
         captions, encoder = _captions_and_encoder(config, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     for batch in _local_batches(config, split, per_host):

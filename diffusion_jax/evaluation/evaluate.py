@@ -322,8 +322,7 @@ def sample(config, workdir) -> Path:
     key = jax.random.fold_in(sample_key, 2_000_000 + step)
     num = config.sampling.num_samples
     labels = sampling.grid_labels(config, num)
-    m = config.model
-    if m.context_dim > 0 and m.context_source == "text" and config.sampling.prompt:
+    if config_lib.is_text_conditioned(config) and config.sampling.prompt:
         labels = prompt_contexts(config, num)
     images = generate(config, run, params, num, key, labels=labels)
     out_dir = Path(workdir) / "samples"

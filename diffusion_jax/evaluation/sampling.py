@@ -35,7 +35,7 @@ def make_sample_fn(model, sched, config, mesh, *, return_x0_at=None, decoder=Non
     s = config.sampling
     guidance = s.guidance_scale if s.guidance_scale >= 0 else None
     size, channels = config_lib.model_input_shape(config)
-    text = config.model.context_dim > 0 and config.model.context_source == "text"
+    text = config_lib.is_text_conditioned(config)
     decode_fn, decoder_params = decoder if decoder is not None else (None, None)
 
     timesteps = np.asarray(s.timesteps, np.int32) if len(s.timesteps) else None

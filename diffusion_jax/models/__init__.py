@@ -4,7 +4,11 @@ from a config."""
 import jax.numpy as jnp
 
 from diffusion_jax.config import model_input_shape
-from diffusion_jax.models.autoencoder import AutoencoderKL, create_autoencoder
+from diffusion_jax.models.autoencoder import (
+    AutoencoderKL,
+    create_autoencoder,
+    downsampling_factor,
+)
 from diffusion_jax.models.convert import from_diffusers, to_diffusers
 from diffusion_jax.models.text_encoder import CLIPTextEncoder
 from diffusion_jax.models.unet import UNet
@@ -70,7 +74,7 @@ def init_inputs(config, batch: int = 1) -> tuple:
     d = config.data
     if config.training.objective == "autoencoder":
         a = config.autoencoder
-        latent = d.image_size // 2 ** (len(a.ch_mult) - 1)
+        latent = d.image_size // downsampling_factor(a.ch_mult)
         return (
             jnp.zeros((batch, d.image_size, d.image_size, d.channels)),
             jnp.zeros((batch, latent, latent, a.latent_channels)),

@@ -27,6 +27,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from diffusion_jax.config import base_config, model_input_shape
+from diffusion_jax.models.autoencoder import downsampling_factor
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # Names of diffusers' deprecated attention block, still used by the published DDPM files.
@@ -393,7 +394,7 @@ def autoencoder_from_diffusers(folder) -> tuple[dict, dict]:
     fields = autoencoder_fields_from_diffusers(cfg)
     model = AutoencoderKL(**{k: fields[k] for k in fields if k != "scaling_factor"})
     size = 2 ** len(fields["ch_mult"])
-    latent = size // 2 ** (len(fields["ch_mult"]) - 1)
+    latent = size // downsampling_factor(fields["ch_mult"])
     shapes = jax.eval_shape(
         lambda k: model.init(
             k,
@@ -502,7 +503,7 @@ def from_pipeline(folder) -> tuple[dict, ml_collections.ConfigDict]:
     vae, ae_fields = autoencoder_from_diffusers(folder / "vae")
     text, te_fields = text_encoder_from_transformers(folder / "text_encoder")
     latent_size = config.data.image_size
-    config.data.image_size = latent_size * 2 ** (len(ae_fields["ch_mult"]) - 1)
+    config.data.image_size = latent_size * downsampling_factor(ae_fields["ch_mult"])
     config.data.channels = ae_fields.pop("image_channels")
     config.autoencoder.update(ae_fields)
     config.text_encoder.update(te_fields)

@@ -81,7 +81,7 @@ def batch_spec(config, batch_size: int, sharding=None) -> dict:
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding),
     }
     m = config.model
-    if config.training.objective == "diffusion" and m.context_dim and m.context_source == "text":
+    if config.training.objective == "diffusion" and config_lib.is_text_conditioned(config):
         spec["context"] = jax.ShapeDtypeStruct(
             (batch_size, m.context_length, m.context_dim), jnp.float32, sharding=sharding
         )
