@@ -94,8 +94,12 @@ def _split_micro(x, num_micro: int):
     return jnp.moveaxis(x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]), 1, 0)
 
 
-def compute_grads(params, inputs, key, *, grad_accum: int, **loss_kwargs):
-    """Gradient of the batch-mean loss, accumulated over `grad_accum` micro-batches by a scan."""
+def compute_grads(params, inputs, key, *, grad_accum: int, unroll=None, **loss_kwargs):
+    """Gradient of the batch-mean loss, accumulated over `grad_accum` micro-batches by a scan.
+
+    The loss is a mean over k equally sized micro-batches, so grad = (1/k) sum_i grad_i equals
+    the whole batch's gradient up to float rounding (dropout masks aside). `unroll`: None
+    unrolls the loop on CPU only (see below), True / False force it."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, **loss_kwargs), has_aux=True)
     if grad_accum == 1:
         (loss, terms), grads = grad_fn(params, inputs, key)
@@ -109,7 +113,14 @@ def compute_grads(params, inputs, key, *, grad_accum: int, **loss_kwargs):
 
     shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+    # XLA:CPU leaves the weight-gradient convolutions of a while-loop body in a layout that
+    # only its generic kernel runs (20x slower at the digits size); unrolled, they are the
+    # same convolutions as the plain step's. Accelerators keep the loop: one body to compile.
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+    total, _ = jax.lax.scan(
+        body, zeros, (jnp.arange(grad_accum), micro), unroll=grad_accum if unroll else 1
+    )
     (loss, terms), grads = jax.tree.map(lambda x: x / grad_accum, total)
     return loss, terms, grads
 
@@ -150,20 +161,29 @@ def train_step(
     )
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, config.optim.ema_decay, config.optim.ema_warmup)
-    ema_params = ema_update(state.ema_params, params, decay)
 
-    def keep_if_finite(new, old):
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    def apply_update(params, ema_params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, ema_update(ema_params, params, decay), opt_state
 
+    # A cond rather than a select per leaf: a skipped step reads nothing, a taken one does
+    # not read and write every parameter, EMA and moment a second time.
+    params, ema_params, opt_state = jax.lax.cond(
+        finite,
+        apply_update,
+        lambda *old: old,
+        state.params,
+        state.ema_params,
+        state.opt_state,
+    )
     skipped = (~finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep_if_finite(params, state.params),
-        ema_params=keep_if_finite(ema_params, state.ema_params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
+        params=params,
+        ema_params=ema_params,
+        opt_state=opt_state,
         skipped_steps=state.skipped_steps + skipped,
         consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
     )
