@@ -5,6 +5,8 @@ of this project); prints JSON lines like the JAX benchmarks.
 
     python -m venv /tmp/peer && /tmp/peer/bin/pip install torch diffusers
     /tmp/peer/bin/python benchmarks/torch_peer.py --batch=16 --steps=5
+    /tmp/peer/bin/python benchmarks/torch_peer.py --only_train
+    /tmp/peer/bin/python benchmarks/torch_peer.py --only_sample   # the whole-process sample
 """
 
 import argparse
@@ -24,6 +26,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sample_batch", type=int, default=32)
     parser.add_argument("--sample_steps", type=int, default=20)
+    parser.add_argument("--only_train", action="store_true")
+    parser.add_argument("--only_sample", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = UNet2DModel(
@@ -51,60 +55,63 @@ def main():
         "threads": torch.get_num_threads(),
     }
 
-    def step():
-        t = torch.randint(0, 1000, (args.batch,))
-        noise = torch.randn_like(x0)
-        a = abar[t].view(-1, 1, 1, 1)
-        loss = ((model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample - noise) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    if not args.only_sample:
 
-    model.train()
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(args.steps):
+        def step():
+            t = torch.randint(0, 1000, (args.batch,))
+            noise = torch.randn_like(x0)
+            a = abar[t].view(-1, 1, 1, 1)
+            loss = ((model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample - noise) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        model.train()
+        for _ in range(2):
+            step()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        median = statistics.median(times)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "torch_train_step",
+                    "batch": args.batch,
+                    "images_per_sec": round(args.batch / median, 3),
+                    "steps_per_sec": round(1 / median, 4),
+                    **common,
+                }
+            ),
+            flush=True,
+        )
+
+    if not args.only_train:
+        model.eval()
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        scheduler.set_timesteps(args.sample_steps)
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    print(
-        json.dumps(
-            {
-                "benchmark": "torch_train_step",
-                "batch": args.batch,
-                "images_per_sec": round(args.batch / median, 3),
-                "steps_per_sec": round(1 / median, 4),
-                **common,
-            }
-        ),
-        flush=True,
-    )
-
-    model.eval()
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    scheduler.set_timesteps(args.sample_steps)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        x = torch.randn(args.sample_batch, 3, 32, 32)
-        for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t).sample, t, x).prev_sample
-    sample_s = time.perf_counter() - t0
-    print(
-        json.dumps(
-            {
-                "benchmark": "torch_sample_ddim",
-                "batch": args.sample_batch,
-                "steps": args.sample_steps,
-                "seconds": round(sample_s, 3),
-                "whole_process_seconds": round(time.perf_counter() - start, 3),
-                **common,
-            }
-        ),
-        flush=True,
-    )
+        with torch.no_grad():
+            x = torch.randn(args.sample_batch, 3, 32, 32)
+            for t in scheduler.timesteps:
+                x = scheduler.step(model(x, t).sample, t, x).prev_sample
+        sample_s = time.perf_counter() - t0
+        print(
+            json.dumps(
+                {
+                    "benchmark": "torch_sample_ddim",
+                    "batch": args.sample_batch,
+                    "steps": args.sample_steps,
+                    "seconds": round(sample_s, 3),
+                    "whole_process_seconds": round(time.perf_counter() - start, 3),
+                    **common,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

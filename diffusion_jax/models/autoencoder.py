@@ -104,13 +104,7 @@ class Decoder(_Stack):
 
 
 def _one_by_one(features, dtype):
-    return nn.Conv(
-        features,
-        (1, 1),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(layers.default_init(), layers.CONV_AXES),
-    )
+    return layers.conv(features, None, kernel=1, padding=0, dtype=dtype)
 
 
 class AutoencoderKL(nn.Module):

@@ -28,7 +28,30 @@ def default_init(scale: float = 1.0):
     return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution computed as a matmul over channels: (..., C_in) -> (..., features).
+
+    Its parameters are nn.Conv's (kernel (1, 1, C_in, features), bias), so checkpoints and
+    weight imports do not see the difference; XLA:CPU runs the matmul about twice as fast as
+    the convolution, forward and backward."""
+
+    features: int
+    kernel_init: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (1, 1, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        y = jnp.einsum("...c,cd->...d", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 def conv(features, name, *, kernel=3, strides=1, padding="SAME", init_scale=1.0, dtype):
+    kernel_init = nn.with_logical_partitioning(default_init(init_scale), CONV_AXES)
+    if kernel == 1 and strides == 1:
+        return PointwiseConv(features, kernel_init, dtype=dtype, name=name)
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -36,7 +59,7 @@ def conv(features, name, *, kernel=3, strides=1, padding="SAME", init_scale=1.0,
         padding=padding,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(default_init(init_scale), CONV_AXES),
+        kernel_init=kernel_init,
         name=name,
     )
 
