@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.batch_size = 128  # global, over all devices and hosts
     t.num_steps = 800_000
     t.seed = 0
-    t.grad_accum = 1
+    t.grad_accum = 1  # micro-batches per step (a scan; unrolled on CPU, where it runs faster)
     t.cond_drop_prob = 0.1  # label dropout for classifier-free guidance (conditional models)
     t.max_consecutive_nonfinite = 10
     t.log_every = 100
