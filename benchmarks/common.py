@@ -9,6 +9,10 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.timing import time_calls
+
+__all__ = ["PEAK_FLOPS", "device_peak", "emit", "random_batch", "time_calls"]
+
 # Dense bf16 peak FLOP/s per chip (vendor figures), for model FLOP utilization.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -40,18 +44,6 @@ def device_peak() -> tuple[float, str]:
     if kind in PEAK_FLOPS:
         return PEAK_FLOPS[kind], "published bf16 peak"
     return measured_matmul_peak(), "measured float32 matmul"
-
-
-def time_calls(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
-    """Median seconds of fn() (which must block) over `repeats` calls after `warmup`."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
 
 
 def emit(**fields) -> None:

@@ -4,19 +4,20 @@ trained eagerly with Adam (the step of the original code: eps MSE at a uniform t
 of this project); prints JSON lines like the JAX benchmarks.
 
     python -m venv /tmp/peer && /tmp/peer/bin/pip install torch diffusers
-    /tmp/peer/bin/python benchmarks/torch_peer.py --batch=16 --steps=5
-    /tmp/peer/bin/python benchmarks/torch_peer.py --only_train
-    /tmp/peer/bin/python benchmarks/torch_peer.py --only_sample   # the whole-process sample
+    PYTHONPATH=. /tmp/peer/bin/python benchmarks/torch_peer.py --batch=16 --steps=5
+    PYTHONPATH=. /tmp/peer/bin/python benchmarks/torch_peer.py --only_train
+    PYTHONPATH=. /tmp/peer/bin/python benchmarks/torch_peer.py --only_sample  # whole process
 """
 
 import argparse
 import json
-import statistics
 import time
 
 import diffusers
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+
+from benchmarks.timing import time_calls
 
 
 def main():
@@ -68,14 +69,7 @@ def main():
             opt.step()
 
         model.train()
-        for _ in range(2):
-            step()
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        median = statistics.median(times)
+        median, _ = time_calls(step, args.steps)
         print(
             json.dumps(
                 {
