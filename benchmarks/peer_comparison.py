@@ -35,6 +35,8 @@ def run_process(argv: list[str], env: dict) -> tuple[float, list[dict]]:
     return seconds, lines
 
 
+# Not common.emit: this process must not import JAX, which on a GPU would take the memory
+# that the measured processes need.
 def emit(**fields) -> None:
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in fields.items()}))
     sys.stdout.flush()

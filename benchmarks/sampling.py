@@ -1,6 +1,6 @@
 """Sampling throughput: images/s per denoising step and for a whole DDIM run, compile time of
-the sampler, the whole-process time of a 20-step DDIM run of 32 images, and the scan-based
-sampler against a Python loop of jitted steps. One JSON line per measurement.
+the sampler, the forward pass alone, and the scan-based sampler against a Python loop of
+jitted steps. One JSON line per measurement.
 
     python benchmarks/sampling.py --config=configs/cifar10.py --batch=32 --steps=20
     python benchmarks/sampling.py --whole_process   # only: import, init, compile, sample once

@@ -27,8 +27,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sample_batch", type=int, default=32)
     parser.add_argument("--sample_steps", type=int, default=20)
-    parser.add_argument("--only_train", action="store_true")
-    parser.add_argument("--only_sample", action="store_true")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--only_train", action="store_true")
+    only.add_argument("--only_sample", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = UNet2DModel(

@@ -1,7 +1,7 @@
 """How a training step's wall time splits into compute, data and host overhead.
 
 Three measurements of the same config on the same devices, one JSON line each and a summary:
-- compute: the compiled train step alone, on one batch already on the devices;
+- compute: the compiled train step alone, on a batch already on the devices;
 - data: the training input pipeline alone (`next()` on the iterator the loop uses, batches
   placed on the devices);
 - loop: the real `train_and_evaluate` (logging, metrics fetched one step late, checkpoint
@@ -23,35 +23,19 @@ from pathlib import Path
 
 import jax
 
-from benchmarks.common import emit, time_calls
-from benchmarks.train_step import load_config
+from benchmarks.common import emit
+from benchmarks.train_step import load_config, time_train_step
+from diffusion_jax import parallel
 from diffusion_jax.data import pipeline
 from diffusion_jax.training import loop
 
 
-def compute_seconds(config, repeats: int) -> float:
-    init_key, train_key, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key)
-    holder = {"state": run.init_state(init_key)}
-    step = loop.compile_and_plan_memory(
-        run.make_step(), holder["state"], config, run.mesh, train_key
-    )
-    batches = pipeline.create_iterator(
-        config, run.mesh, split=config.data.train_split, global_batch=config.training.batch_size
-    )
-    batch = next(batches)
-
-    def one_step():
-        holder["state"], metrics = step(holder["state"], batch, train_key)
-        jax.block_until_ready(metrics["loss"])
-
-    return time_calls(one_step, repeats)[0]
-
-
 def data_seconds(config, batches: int) -> float:
-    mesh = loop.setup_run(config, loop.run_keys(config)[0]).mesh
     iterator = pipeline.create_iterator(
-        config, mesh, split=config.data.train_split, global_batch=config.training.batch_size
+        config,
+        parallel.make_mesh(config),
+        split=config.data.train_split,
+        global_batch=config.training.batch_size,
     )
     for _ in range(5):
         jax.block_until_ready(next(iterator))
@@ -88,7 +72,7 @@ def main():
         return c
 
     batch = config().training.batch_size
-    compute = compute_seconds(config(), repeats=20)
+    compute = time_train_step(config(), steps=20)[0]
     emit(benchmark="step_compute", batch=batch, seconds=compute)
     data = data_seconds(config(), batches=50)
     emit(benchmark="step_data", batch=batch, seconds=data)

@@ -39,19 +39,17 @@ def load_config(path: str):
     return module.get_config(arg)
 
 
-def measure(config, batch_size: int, steps: int, knob: str, peak: float, peak_kind: str):
-    config.training.batch_size = batch_size
+def time_train_step(config, steps: int):
+    """The compiled train step of `config` on a random batch already on the devices:
+    (median seconds per step over `steps` after warm-up, compile seconds, compiled, run)."""
     init_key, train_key, _ = loop.run_keys(config)
     run = loop.setup_run(config, init_key)
     state, step = run.init_state(init_key), run.make_step()
+    batch_size = config.training.batch_size
     batch = jax.device_put(random_batch(config, batch_size), parallel.batch_sharding(run.mesh))
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, train_key).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    memory = compiled.memory_analysis()
     holder = {"state": state}
 
     def one_step():
@@ -59,6 +57,16 @@ def measure(config, batch_size: int, steps: int, knob: str, peak: float, peak_ki
         jax.block_until_ready(metrics["loss"])
 
     median, _ = time_calls(one_step, steps)
+    return median, compile_s, compiled, run
+
+
+def measure(config, batch_size: int, steps: int, knob: str, peak: float, peak_kind: str):
+    config.training.batch_size = batch_size
+    median, compile_s, compiled, run = time_train_step(config, steps)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    memory = compiled.memory_analysis()
     per_device_flops = flops  # cost_analysis reports the per-device program
     emit(
         benchmark="train_step",
