@@ -13,6 +13,7 @@ cache as the command line does, so a repeated run skips the compile.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -36,6 +37,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--whole_process", action="store_true")
     args = parser.parse_args()
+    report = functools.partial(emit, config=args.config)
     config = load_config(args.config)
     config.sampling.sampler, config.sampling.num_steps = "ddim", args.steps
     config.mesh.data = -1
@@ -47,7 +49,7 @@ def main():
     fn = sampling.make_sample_fn(run.model, run.sched, config, run.mesh)
     if args.whole_process:
         images = np.asarray(fn(params, key, None, args.batch))
-        emit(
+        report(
             benchmark="sample_ddim_whole_process",
             batch=args.batch,
             steps=args.steps,
@@ -63,7 +65,7 @@ def main():
     median, _ = time_calls(
         lambda: fn(params, key, None, args.batch).block_until_ready(), args.repeats, warmup=0
     )
-    emit(
+    report(
         benchmark="sample_ddim_scan",
         batch=args.batch,
         steps=args.steps,
@@ -79,7 +81,7 @@ def main():
     t = jnp.zeros((args.batch,), jnp.int32)
     forward = jax.jit(lambda p, x, t: run.model.apply({"params": p}, x, t))
     f_median, _ = time_calls(lambda: forward(params, x, t).block_until_ready(), args.repeats)
-    emit(
+    report(
         benchmark="forward_pass",
         batch=args.batch,
         seconds=f_median,
@@ -106,14 +108,14 @@ def main():
         x.block_until_ready()
 
     loop_median, _ = time_calls(python_loop, args.repeats, warmup=1)
-    emit(
+    report(
         benchmark="sample_ddim_python_loop",
         batch=args.batch,
         steps=args.steps,
         seconds=loop_median,
         images_per_sec=args.batch / loop_median,
     )
-    emit(
+    report(
         benchmark="sampling_benchmark_process",
         seconds=time.perf_counter() - process_start,
         note="this script with every measurement above; --whole_process is the comparable run",

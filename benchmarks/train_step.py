@@ -60,7 +60,9 @@ def time_train_step(config, steps: int):
     return median, compile_s, compiled, run
 
 
-def measure(config, batch_size: int, steps: int, knob: str, peak: float, peak_kind: str):
+def measure(
+    config, config_path: str, batch_size: int, steps: int, knob: str, peak: float, peak_kind: str
+):
     config.training.batch_size = batch_size
     median, compile_s, compiled, run = time_train_step(config, steps)
     cost = compiled.cost_analysis()
@@ -70,6 +72,7 @@ def measure(config, batch_size: int, steps: int, knob: str, peak: float, peak_ki
     per_device_flops = flops  # cost_analysis reports the per-device program
     emit(
         benchmark="train_step",
+        config=config_path,
         knob=knob,
         model_params=sum(x.size for x in jax.tree.leaves(run.abstract_state.params)),
         image_size=config.data.image_size,
@@ -101,7 +104,7 @@ def main():
         for key, value in KNOBS[knob].items():
             section, field = key.split(".")
             config[section][field] = value
-        measure(config, args.batch, args.steps, knob, peak, peak_kind)
+        measure(config, args.config, args.batch, args.steps, knob, peak, peak_kind)
 
 
 if __name__ == "__main__":
