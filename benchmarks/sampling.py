@@ -23,9 +23,9 @@ import numpy as np
 from benchmarks.common import emit, time_calls
 from benchmarks.train_step import load_config
 from diffusion_jax import diffusion as dm
-from diffusion_jax.evaluation import sampling
+from diffusion_jax import sampling
 from diffusion_jax.main import enable_compilation_cache
-from diffusion_jax.training import loop
+from diffusion_jax.run import run_keys, setup_run
 
 
 def main():
@@ -43,8 +43,8 @@ def main():
     config.mesh.data = -1
     if args.whole_process:
         enable_compilation_cache()
-    init_key, _, key = loop.run_keys(config)
-    run = loop.setup_run(config, init_key)
+    init_key, _, key = run_keys(config)
+    run = setup_run(config, init_key)
     params = run.init_state(init_key).ema_params
     fn = sampling.make_sample_fn(run.model, run.sched, config, run.mesh)
     if args.whole_process:

@@ -18,7 +18,7 @@ import jax
 
 from benchmarks.common import device_peak, emit, random_batch, time_calls
 from diffusion_jax import parallel
-from diffusion_jax.training import loop
+from diffusion_jax.run import run_keys, setup_run
 
 KNOBS = {
     "default": {},
@@ -42,8 +42,8 @@ def load_config(path: str):
 def time_train_step(config, steps: int):
     """The compiled train step of `config` on a random batch already on the devices:
     (median seconds per step over `steps` after warm-up, compile seconds, compiled, run)."""
-    init_key, train_key, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key)
+    init_key, train_key, _ = run_keys(config)
+    run = setup_run(config, init_key)
     state, step = run.init_state(init_key), run.make_step()
     batch_size = config.training.batch_size
     batch = jax.device_put(random_batch(config, batch_size), parallel.batch_sharding(run.mesh))

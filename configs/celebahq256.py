@@ -8,7 +8,8 @@ Needs the tfds data set celeb_a_hq/256, which is prepared from manually download
 Args: `smoke` shrinks it to a few steps on a CPU.
 """
 
-from diffusion_jax.config import base_config, ddpm_recipe, parse_arg, smoke
+from diffusion_jax.config import base_config
+from diffusion_jax.recipes import ddpm_recipe, parse_arg, smoke
 
 
 def get_config(arg: str = ""):

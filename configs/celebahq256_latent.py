@@ -21,7 +21,8 @@ Args (comma-separated): `autoencoder` trains the first stage; `smoke` shrinks it
 steps on a CPU.
 """
 
-from diffusion_jax.config import base_config, parse_arg, smoke
+from diffusion_jax.config import base_config
+from diffusion_jax.recipes import parse_arg, smoke
 
 
 def get_config(arg: str = ""):

@@ -8,7 +8,8 @@ attention at 16 and 8 with 4 heads, scale-shift norm, dropout 0.3, lr 1e-4, batc
 Args: `smoke` shrinks it to a few steps on a CPU.
 """
 
-from diffusion_jax.config import base_config, improved_recipe, parse_arg, smoke
+from diffusion_jax.config import base_config
+from diffusion_jax.recipes import improved_recipe, parse_arg, smoke
 
 
 def get_config(arg: str = ""):

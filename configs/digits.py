@@ -8,7 +8,8 @@ Args (comma-separated): `cond` trains class-conditionally with label dropout and
 each digit with classifier-free guidance; `smoke` shrinks everything to run in seconds.
 """
 
-from diffusion_jax.config import base_config, parse_arg, smoke
+from diffusion_jax.config import base_config
+from diffusion_jax.recipes import parse_arg, smoke
 
 
 def get_config(arg: str = ""):

@@ -13,7 +13,8 @@ AutoencoderKL folder also work). Labels reach the U-Net as a one-token cross-att
 context (latent diffusion's class conditioning); samples use classifier-free guidance.
 """
 
-from diffusion_jax.config import base_config, parse_arg, smoke
+from diffusion_jax.config import base_config
+from diffusion_jax.recipes import parse_arg, smoke
 
 
 def get_config(arg: str = ""):

@@ -9,7 +9,8 @@ Args (comma-separated): `cond` adds class conditioning with classifier-free guid
 `smoke` shrinks it to a few steps on a CPU.
 """
 
-from diffusion_jax.config import base_config, improved_recipe, parse_arg, smoke
+from diffusion_jax.config import base_config
+from diffusion_jax.recipes import improved_recipe, parse_arg, smoke
 
 
 def get_config(arg: str = ""):

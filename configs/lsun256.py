@@ -7,7 +7,8 @@ bedroom (2.4M steps); the 114M-parameter U-Net, no dropout, lr 2e-5, batch 64.
 Args (comma-separated): `church` (default) or `bedroom`; `smoke` shrinks it to a few steps.
 """
 
-from diffusion_jax.config import base_config, ddpm_recipe, parse_arg, smoke
+from diffusion_jax.config import base_config
+from diffusion_jax.recipes import ddpm_recipe, parse_arg, smoke
 
 
 def get_config(arg: str = "church"):

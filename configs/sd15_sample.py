@@ -14,7 +14,8 @@ samples/prompt_<N>.png, .npz (uint8 images) and .json (prompt and settings).
 Args: `dpm` samples with DPM-Solver++(2M) in 25 steps instead of DDIM in 50.
 """
 
-from diffusion_jax.config import base_config, parse_arg
+from diffusion_jax.config import base_config
+from diffusion_jax.recipes import parse_arg
 
 
 def get_config(arg: str = ""):

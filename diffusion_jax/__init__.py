@@ -1,3 +1,37 @@
-"""diffusion_jax: denoising diffusion models in JAX/Flax, from one CPU to a pod."""
+"""diffusion_jax: denoising diffusion models in JAX/Flax, from one CPU to a pod.
+
+The package is built in layers, lowest first. A module imports only from its own layer and
+the layers below it (imports inside functions included), never in a circle;
+tests/test_layers.py checks both and names any import that breaks them.
+
+1. Math: `diffusion/` — pure functions of arrays: schedules, the forward process and the
+   eps/x0/v conversions, losses, samplers, likelihood. Imports nothing of the package.
+2. Config: `config.py` — the base config every recipe starts from, its predicates and its
+   validation; `recipes.py` — the helpers the files in configs/ call (smoke, DDPM and
+   improved-DDPM setups). Import the math (for the names of schedules and samplers).
+3. Infrastructure: `parallel.py` (mesh, shardings, host <-> global arrays),
+   `checkpointing.py` (orbax), `export.py` (single-file weights), `metrics_io.py` (metric
+   writers, progress, image grids). Import the config.
+4. Parts: `models/` (U-Net, KL autoencoder, CLIP text encoder, layers, the prompt encoder;
+   `models/convert/`, importers of diffusers/transformers weights, one file per family) and
+   `data/` (sources, the input pipeline, the latent shard format) know nothing of each
+   other. Above them in this layer: `objectives.py` (diffusion | autoencoder: the model, its
+   init inputs, batch shapes, step inputs, loss, picture and scores, chosen once),
+   `training/state.py` (the TrainState and optimizer) and `training/step.py` (the pure,
+   sharded train step, given an objective).
+5. Sampling: `sampling.py` — the jitted sample function, grid labels, drawing many samples,
+   the sample grid. Used by training's pictures, evaluation and sample mode.
+6. Run setup: `run.py` — what every job builds from a config: mesh, schedule, objective,
+   model, optimizer, abstract and restored state, the autoencoder of a latent run, keys.
+7. Evaluation: `evaluation/` — Inception, the digits classifier, metrics, reference
+   statistics, and the eval job (`evaluation/evaluate.py`). Never imports `training/`:
+   the run setup hands it what it needs.
+8. Jobs: `training/loop.py` (--mode=train), `sample.py` (--mode=sample, text-to-image
+   included), `encode.py` (--mode=encode), `export_ema.py` (--mode=export); `tools/`,
+   command-line programs other than the main one (`python -m diffusion_jax.tools.<name>`),
+   which nothing imports.
+9. Command line: `main.py` — flags, checks, dispatch by --mode; only `__main__.py`
+   (`python -m diffusion_jax`) imports it.
+"""
 
 __version__ = "0.1.0"

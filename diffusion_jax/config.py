@@ -1,7 +1,9 @@
 """The base config every recipe in configs/ starts from, and its validation.
 
 Each field is documented where it is defined; recipes change only what differs. `validate`
-runs before anything is compiled and fails with one line naming the field and the fix.
+runs before anything is compiled and fails with one line naming the field and the fix. The
+helpers recipes are built from (parse_arg, smoke, ddpm_recipe, improved_recipe) live in
+diffusion_jax/recipes.py.
 """
 
 from __future__ import annotations
@@ -342,90 +344,3 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int]:
         f"mesh.data x mesh.fsdp = {sizes['data']} x {sizes['fsdp']} != {num_devices} devices",
     )
     return sizes["data"], sizes["fsdp"]
-
-
-def parse_arg(arg: str, allowed: tuple[str, ...]) -> set[str]:
-    """The comma-separated options of `--config=FILE:ARG`, each checked against `allowed`."""
-    options = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = options - set(allowed)
-    if unknown:
-        raise ConfigError(f"config arg: unknown option(s) {sorted(unknown)}; choose from {allowed}")
-    return options
-
-
-def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Shrinks a recipe to a run of a few seconds on a CPU: a tiny U-Net at 16x16 (or the
-    recipe's size if smaller), a batch of 8 and 2 steps; everything else as the recipe."""
-    c.data.image_size = min(c.data.image_size, 16)
-    m = c.model
-    m.ch, m.ch_mult, m.num_res_blocks, m.norm_groups = 8, (1, 2), 1, 4
-    m.attn_resolutions = (c.data.image_size // 2,)
-    m.head_channels = -1
-    m.num_heads = 1
-    t = c.training
-    t.batch_size, t.num_steps, t.grad_accum = 8, 2, 1
-    t.log_every = t.ckpt_every = t.sample_every = 1
-    c.sampling.num_steps = min(c.sampling.num_steps, 4)
-    c.sampling.num_samples = 8
-    c.sampling.batch_size = 8
-    c.eval.num_samples = 16
-    c.eval.bpd_num_examples = 8
-    c.diffusion.num_timesteps = min(c.diffusion.num_timesteps, 100)
-    c.optim.warmup_steps = 1
-    return c
-
-
-def ddpm_recipe(c, *, image_size: int, ch_mult, attn_resolutions=(16,), dropout=0.1):
-    """The DDPM setup of Ho et al. (App. B): the U-Net with ch=128, two residual blocks per
-    level and attention at 16x16; linear betas over T=1000, eps prediction, fixed_large
-    variance; Adam with warm-up, clipping at 1 and an EMA of 0.9999; ancestral sampling."""
-    c.data.image_size, c.data.channels = image_size, 3
-    m = c.model
-    m.ch, m.ch_mult, m.num_res_blocks = 128, tuple(ch_mult), 2
-    m.attn_resolutions, m.dropout, m.norm_groups = tuple(attn_resolutions), dropout, 32
-    f = c.diffusion
-    f.schedule, f.num_timesteps, f.prediction, f.variance = "linear", 1000, "eps", "fixed_large"
-    f.loss_type = "mse"
-    o = c.optim
-    o.optimizer, o.lr, o.warmup_steps, o.grad_clip, o.ema_decay = "adam", 2e-4, 5000, 1.0, 0.9999
-    o.decay = "constant"
-    c.sampling.sampler, c.sampling.num_steps = "ddpm", 1000
-    c.eval.metrics = ("fid", "is")
-    c.eval.num_samples = 50_000
-    return c
-
-
-def improved_recipe(
-    c,
-    *,
-    image_size: int,
-    ch_mult,
-    attn_resolutions,
-    num_res_blocks=3,
-    dropout=0.0,
-    num_timesteps=4000,
-):
-    """Improved DDPM (Nichol & Dhariwal 2021): cosine schedule, learned_range variance with
-    the hybrid loss, scale-shift norm, 4 attention heads, PyTorch-style padding and a cos-first
-    timestep embedding; Adam at 1e-4 without warm-up."""
-    ddpm_recipe(
-        c,
-        image_size=image_size,
-        ch_mult=ch_mult,
-        attn_resolutions=attn_resolutions,
-        dropout=dropout,
-    )
-    m = c.model
-    m.num_res_blocks, m.num_heads, m.scale_shift_norm, m.learn_sigma = num_res_blocks, 4, True, True
-    m.downsample_padding, m.flip_sin_to_cos, m.freq_shift = 1, True, 0.0
-    f = c.diffusion
-    f.schedule, f.num_timesteps, f.variance, f.loss_type = (
-        "cosine",
-        num_timesteps,
-        "learned_range",
-        "hybrid",
-    )
-    c.optim.lr, c.optim.warmup_steps = 1e-4, 0
-    # Improved DDPM's learned variances keep FID with 100 respaced ancestral steps.
-    c.sampling.sampler, c.sampling.num_steps = "ddpm", 100
-    return c

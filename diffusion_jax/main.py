@@ -79,18 +79,18 @@ def main(argv) -> None:
 
         evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
-        from diffusion_jax.evaluation.evaluate import sample
+        from diffusion_jax.sample import sample
 
         sample(config, FLAGS.workdir)
     elif FLAGS.mode == "encode":
-        from diffusion_jax import latents
+        from diffusion_jax.encode import encode_dataset
 
         config_lib.validate(config)
         if not config_lib.is_latent(config):
             raise ConfigError("config.autoencoder.weights: --mode=encode needs an autoencoder")
-        latents.encode_dataset(config, FLAGS.workdir)
+        encode_dataset(config, FLAGS.workdir)
     else:
-        from diffusion_jax.evaluation.evaluate import export_ema
+        from diffusion_jax.export_ema import export_ema
 
         export_ema(config, FLAGS.workdir)
 

@@ -92,6 +92,16 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def from_uint8(images_uint8) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1], the range the models work in."""
+    return np.asarray(images_uint8).astype(np.float32) / 127.5 - 1.0
+
+
+def samples_dir(workdir) -> Path:
+    """Where a run's pictures go: <workdir>/samples."""
+    return Path(workdir) / "samples"
+
+
 def image_grid(images_uint8: np.ndarray, rows: int | None = None, pad: int = 1) -> np.ndarray:
     """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image."""
     n, h, w, c = images_uint8.shape

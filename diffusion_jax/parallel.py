@@ -3,6 +3,8 @@
 One `Mesh` with axes ('data', 'fsdp'): the batch is split over both, parameters (and with
 them the EMA and the optimizer moments) are split over 'fsdp' along the dimension their
 logical axis annotation names (or their largest divisible one), and replicated over 'data'.
+Batches move between the host and the mesh through `to_global` (process-local rows in),
+`local_rows` (this process's rows out) and `gather` (every row, on every process).
 """
 
 from __future__ import annotations
@@ -166,3 +168,39 @@ def log_topology(mesh: Mesh, global_batch: int) -> None:
         dict(mesh.shape),
         global_batch // jax.process_count(),
     )
+
+
+def padded_batch(num: int, num_devices: int) -> int:
+    """The smallest batch >= num that splits evenly over the devices."""
+    return -(-num // num_devices) * num_devices
+
+
+def to_global(batch, mesh: Mesh):
+    """Process-local rows -> global arrays sharded over the batch axes of the mesh; `batch` is
+    one array or a dict of arrays, each (B_local, ...) with B_local = B / process_count."""
+    sharding = batch_sharding(mesh)
+
+    def one(rows):
+        return jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(rows))
+
+    return {k: one(v) for k, v in batch.items()} if isinstance(batch, dict) else one(batch)
+
+
+def local_rows(array: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (the inverse of `to_global`)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(
+        multihost_utils.global_array_to_host_local_array(array, mesh, batch_sharding(mesh).spec)
+    )
+
+
+def gather(x) -> np.ndarray:
+    """A global array as one host NumPy array on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -17,7 +17,7 @@ from helpers import tiny_config
 
 from diffusion_jax import checkpointing, export, parallel
 from diffusion_jax.config import ConfigError
-from diffusion_jax.training import loop
+from diffusion_jax.run import run_keys, setup_run
 
 ROOT = Path(__file__).parents[1]
 SMOKE = [
@@ -98,8 +98,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def trained_state(config, devices, num_steps=1):
-    init_key, train_key, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key, devices)
+    init_key, train_key, _ = run_keys(config)
+    run = setup_run(config, init_key, devices)
     state, step = run.init_state(init_key), run.make_step()
     rng = np.random.default_rng(0)
     for _ in range(num_steps):
@@ -134,8 +134,8 @@ def saved_on_8(tmp_path_factory):
 def test_restore_on_another_topology(saved_on_8, data, fsdp, num_devices):
     workdir, expected, saved_run = saved_on_8
     config = mesh_config(data, fsdp)
-    init_key, _, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key, jax.devices()[:num_devices])
+    init_key, _, _ = run_keys(config)
+    run = setup_run(config, init_key, jax.devices()[:num_devices])
     manager = checkpointing.make_manager(workdir, read_only=True)
     step, state, _ = checkpointing.restore_latest(manager, run.abstract_state)
     assert step == 1
@@ -164,7 +164,7 @@ def test_truncated_checkpoint_is_skipped_with_a_warning(saved_on_8, tmp_path, ca
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     config = mesh_config(8, 1)
-    run = loop.setup_run(config, loop.run_keys(config)[0])
+    run = setup_run(config, run_keys(config)[0])
     manager = checkpointing.make_manager(tmp_path, read_only=True)
     with caplog.at_level("WARNING"):
         step, state, _ = checkpointing.restore_latest(manager, run.abstract_state)
@@ -179,7 +179,7 @@ def test_checkpoint_of_another_model_names_the_parameter(saved_on_8):
     workdir, _, _ = saved_on_8
     config = mesh_config(8, 1)
     config.model.ch = 8
-    run = loop.setup_run(config, loop.run_keys(config)[0])
+    run = setup_run(config, run_keys(config)[0])
     manager = checkpointing.make_manager(workdir, read_only=True)
     with pytest.raises(ConfigError, match=r"parameter \S+ has shape .* expects"):
         checkpointing.restore_latest(manager, run.abstract_state)

@@ -16,9 +16,8 @@ from diffusion_jax.training import loop
 CONFIGS = Path(__file__).parents[1] / "configs"
 RECIPES = {
     "digits.py": ["", "cond", "smoke", "cond,smoke"],
-    "cifar10.py": ["", "smoke"],
+    "cifar10.py": ["", "cond", "smoke", "cond,smoke"],
     "cifar10_improved.py": ["", "smoke"],
-    "cifar10_cond.py": ["", "smoke"],
     "celebahq256.py": ["", "smoke"],
     "lsun256.py": ["church", "bedroom", "church,smoke", "bedroom,smoke"],
     "imagenet64.py": ["", "cond", "smoke"],
@@ -108,7 +107,7 @@ def test_smoke_variant_trains_one_step(tmp_path, name, arg):
 @pytest.mark.parametrize(
     "name,arg",
     [
-        ("cifar10.py", "smoke"),  # cifar10_cond differs only by labels: digits cond covers them
+        ("cifar10.py", "smoke"),  # cifar10 cond differs only by labels: digits cond covers them
         ("celebahq256.py", "smoke"),
         ("lsun256.py", "bedroom,smoke"),
         ("imagenet64.py", "smoke"),

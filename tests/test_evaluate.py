@@ -7,7 +7,7 @@ import pytest
 from test_configs import load_config
 from test_inception import seeded_state_dict
 
-from diffusion_jax import metrics_io
+from diffusion_jax import metrics_io, sample
 from diffusion_jax.data import digits
 from diffusion_jax.evaluation import evaluate, reference_stats
 from diffusion_jax.training import loop
@@ -46,7 +46,7 @@ def test_eval_writes_results_and_skips_done_steps(trained):
 
 def test_sample_mode_writes_grid_npz_and_reverse_process(trained):
     config, workdir = trained
-    png = evaluate.sample(config, workdir)
+    png = sample.sample(config, workdir)
     assert png.exists()
     with np.load(workdir / "samples" / "sample_step_2.npz") as f:
         assert f["arr_0"].shape == (8, 16, 16, 1) and f["arr_0"].dtype == np.uint8

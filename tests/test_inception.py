@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.evaluation import inception, torch_pickle
+from diffusion_jax.tools import inception_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -164,7 +165,7 @@ def test_sharded_features_equal_unsharded(seeded_params):
 
 def test_npz_conversion(seeded_params, tmp_path):
     _, state, path = seeded_params
-    assert inception.main([str(path), str(tmp_path / "w.npz")]) == 0
+    assert inception_weights.main([str(path), str(tmp_path / "w.npz")]) == 0
     read = inception.load_state_dict(tmp_path / "w.npz")
     np.testing.assert_array_equal(read["fc.bias"], state["fc.bias"])
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_training import batch_for, small_config, train
 
-from diffusion_jax.evaluation import evaluate
+from diffusion_jax import sample
 from diffusion_jax.training import loop
 
 
@@ -48,7 +48,7 @@ def test_captions_become_text_contexts_for_training_and_sampling(tmp_path):
     from PIL import Image
 
     from diffusion_jax.config import base_config
-    from diffusion_jax.prompts import PromptEncoder
+    from diffusion_jax.models.prompts import PromptEncoder
 
     images = tmp_path / "images"
     images.mkdir()
@@ -90,5 +90,5 @@ def test_captions_become_text_contexts_for_training_and_sampling(tmp_path):
     np.testing.assert_allclose(data["context"][:4], encoder(expected), atol=1e-5)
 
     s.prompt = "a red square"
-    path = evaluate.sample(c, tmp_path / "run")
+    path = sample.sample(c, tmp_path / "run")
     assert np.load(path.with_suffix(".npz"))["arr_0"].shape == (8, 16, 16, 3)

@@ -15,7 +15,6 @@ from helpers import tiny_config
 from safetensors.numpy import load_file, save_file
 
 from diffusion_jax import diffusion as dm
-from diffusion_jax.latents import ARCHITECTURE_FIELDS
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import (
     convert,
@@ -128,7 +127,7 @@ def test_condition_unet_round_trip_is_exact(tmp_path):
 
 def test_autoencoder_and_text_encoder_round_trips_are_exact(tmp_path, pipeline):
     params, config = pipeline
-    fields = {k: config.autoencoder[k] for k in (*ARCHITECTURE_FIELDS, "scaling_factor")}
+    fields = {k: config.autoencoder[k] for k in (*ae_lib.ARCHITECTURE_FIELDS, "scaling_factor")}
     fields["image_channels"] = 3
     convert.autoencoder_to_diffusers(params["autoencoder"], fields, tmp_path / "vae")
     vae, _ = convert.autoencoder_from_diffusers(tmp_path / "vae")
@@ -257,8 +256,8 @@ def test_blur_baseline_keeps_constant_blocks_and_loses_detail():
 def test_text_to_image_equals_the_diffusers_pipeline(reference):
     """Prompt -> tokens -> CLIP -> guided DDIM over the same 5 timesteps from the same
     latents -> VAE decode: the whole of StableDiffusionPipeline."""
+    from diffusion_jax import sample
     from diffusion_jax.config import base_config
-    from diffusion_jax.evaluation import text_to_image
 
     config = base_config()
     config.pretrained = str(TINY_SD)
@@ -270,7 +269,7 @@ def test_text_to_image_equals_the_diffusers_pipeline(reference):
         tuple(int(t) for t in reference["pipeline_timesteps"]),
     )
     s.clip_denoised = False
-    _, generate = text_to_image.build_sampler(config)
+    _, generate = sample.build_sampler(config)
     x_T = jnp.asarray(reference["pipeline_latents"])
     x_T = jnp.concatenate([x_T] + [jnp.zeros_like(x_T)] * (generate.mesh.size - 1))
     images = generate(jax.random.key(0), generate.mesh.size, x_T)
@@ -282,20 +281,20 @@ def test_text_to_image_equals_the_diffusers_pipeline(reference):
 
 
 def test_autoencoder_weights_problems_name_the_field(tmp_path):
-    from diffusion_jax import latents
     from diffusion_jax.config import ConfigError, base_config
+    from diffusion_jax.run import load_autoencoder
 
     config = base_config()
     config.autoencoder.weights = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="config.autoencoder.weights: .* does not exist"):
-        latents.load_autoencoder(config)
+        load_autoencoder(config)
     config.autoencoder.weights = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="not an autoencoder run"):
-        latents.load_autoencoder(config)
+        load_autoencoder(config)
     (tmp_path / "config.json").write_text(base_config().to_json())
     with pytest.raises(ConfigError, match="trained 'diffusion', not an autoencoder"):
-        latents.load_autoencoder(config)
+        load_autoencoder(config)
     # Stable Diffusion-like VAE of 8/16 channels against the default 128-channel config.
     config.autoencoder.weights = str(TINY_SD / "vae")
     with pytest.raises(ConfigError, match=r"config.autoencoder.ch: 128 differs from 8"):
-        latents.load_autoencoder(config)
+        load_autoencoder(config)

@@ -11,8 +11,9 @@ import pytest
 from test_cli import run_cli
 from test_configs import load_config
 
-from diffusion_jax import latents
-from diffusion_jax.evaluation import digits_classifier, evaluate
+from diffusion_jax import metrics_io
+from diffusion_jax.data import latents
+from diffusion_jax.evaluation import digits_classifier
 
 # The two stages run as a user runs them (the command line, one CPU device), shrunk by
 # measurement to about a minute each on 2 cores.
@@ -106,7 +107,7 @@ def test_latent_samples_decode_to_the_requested_digits(trained_latent_diffusion)
     images, labels = samples["arr_0"], samples["labels"]
     assert images.shape == (100, 16, 16, 1) and np.bincount(labels).tolist() == [10] * 10
     params = digits_classifier.load_params()
-    _, logits = digits_classifier.features_and_logits(params, evaluate.uint8_to_model_range(images))
+    _, logits = digits_classifier.features_and_logits(params, metrics_io.from_uint8(images))
     accuracy = float((np.asarray(logits).argmax(-1) == labels).mean())
     print(f"latent diffusion: {accuracy:.0%} of samples classified as their label (chance 10%)")
     assert accuracy > 0.3

@@ -17,7 +17,7 @@ from test_checkpointing import committed_steps
 from test_configs import load_config
 
 from diffusion_jax import checkpointing
-from diffusion_jax.training import loop
+from diffusion_jax.run import run_keys, setup_run
 
 ROOT = Path(__file__).parents[1]
 SMOKE = [
@@ -135,7 +135,7 @@ def test_two_processes_match_one_process_and_survive_sigterm(tmp_path):
     # The checkpoint both processes wrote restores in this single process (8 devices).
     config = load_config("digits.py", "smoke")
     config.mesh.data, config.mesh.fsdp = 4, 2
-    run = loop.setup_run(config, loop.run_keys(config)[0])
+    run = setup_run(config, run_keys(config)[0])
     manager = checkpointing.make_manager(fsdp, read_only=True)
     step, state, _ = checkpointing.restore_latest(manager, run.abstract_state)
     assert step == saved and int(state.step) == saved

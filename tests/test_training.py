@@ -1,6 +1,8 @@
 """The train step: sharding equivalence on 8 fake devices, FSDP placement, gradient
 accumulation, single compilation, EMA, warm-up and non-finite handling."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,8 @@ import pytest
 from helpers import override, tiny_config
 
 from diffusion_jax import parallel
+from diffusion_jax.objectives import draw_step_inputs
+from diffusion_jax.run import run_keys, setup_run
 from diffusion_jax.training import loop
 from diffusion_jax.training import state as state_lib
 
@@ -34,8 +38,8 @@ def batch_for(config, seed=0):
 
 def train(config, devices, batches):
     """State and metrics after one step per batch on a mesh over `devices`."""
-    init_key, train_key, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key, devices)
+    init_key, train_key, _ = run_keys(config)
+    run = setup_run(config, init_key, devices)
     state, step = run.init_state(init_key), run.make_step()
     sharding = parallel.batch_sharding(run.mesh)
     metrics = []
@@ -96,16 +100,14 @@ def test_accumulated_gradient_equals_whole_batch_gradient(unroll):
     from diffusion_jax.training import step as step_lib
 
     config = small_config()
-    init_key, train_key, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key, jax.devices()[:1])
+    init_key, train_key, _ = run_keys(config)
+    run = setup_run(config, init_key, jax.devices()[:1])
     params = run.init_state(init_key).params
     batch = jax.tree.map(jnp.asarray, batch_for(config, 0))
-    inputs = step_lib.draw_step_inputs(
-        train_key, batch, run.sched, num_classes=10, cond_drop_prob=0.2
-    )
-    kwargs = {"model": run.model, "sched": run.sched, "config": config}
+    inputs = draw_step_inputs(train_key, batch, run.sched, num_classes=10, cond_drop_prob=0.2)
+    loss_fn = functools.partial(run.objective.loss, model=run.model, train=True)
     grads = jax.jit(
-        lambda p, i, k, n, u: step_lib.compute_grads(p, i, k, grad_accum=n, unroll=u, **kwargs),
+        lambda p, i, k, n, u: step_lib.compute_grads(loss_fn, p, i, k, grad_accum=n, unroll=u),
         static_argnums=(3, 4),
     )
     loss, _, whole = grads(params, inputs, train_key, 1, None)
@@ -118,8 +120,8 @@ def test_accumulated_gradient_equals_whole_batch_gradient(unroll):
 
 def test_step_compiles_once():
     config = small_config(**{"mesh.data": 8})
-    init_key, train_key, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key)
+    init_key, train_key, _ = run_keys(config)
+    run = setup_run(config, init_key)
     from diffusion_jax.training import step as step_lib
 
     traced = chex.assert_max_traces(step_lib.train_step, n=1)
@@ -129,8 +131,7 @@ def test_step_compiles_once():
             b,
             k,
             model=run.model,
-            sched=run.sched,
-            config=config,
+            objective=run.objective,
             optimizer=run.optimizer,
             lr_schedule=run.lr_schedule,
         ),
@@ -175,8 +176,8 @@ def test_ema_update_matches_numpy():
 
 def test_ema_follows_params_through_steps():
     config = small_config(**{"mesh.data": 8, "optim.ema_decay": 0.5})
-    init_key, _, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key)
+    init_key, _, _ = run_keys(config)
+    run = setup_run(config, init_key)
     initial = jax.jit(run.init_fn)(init_key)
     state, _, _ = train(config, jax.devices(), [batch_for(config, 0)])
     leaf = lambda s: np.asarray(s["conv_in"]["kernel"])  # noqa: E731
@@ -202,7 +203,6 @@ def test_warmup_then_constant_and_cosine():
 
 def test_label_dropout_uses_the_null_label():
     from diffusion_jax.diffusion import make_schedule
-    from diffusion_jax.training.step import draw_step_inputs
 
     labels = jnp.zeros((10_000,), jnp.int32) + 3
     batch = {"image": jnp.zeros((10_000, 1, 1, 1)), "label": labels}
@@ -217,8 +217,8 @@ def test_label_dropout_uses_the_null_label():
 def test_a_run_that_does_not_fit_stops_with_the_figure_and_the_knobs(monkeypatch):
     """The compiled step's memory against the device's limit, before the first step."""
     config = small_config(**{"mesh.data": 8})
-    init_key, train_key, _ = loop.run_keys(config)
-    run = loop.setup_run(config, init_key)
+    init_key, train_key, _ = run_keys(config)
+    run = setup_run(config, init_key)
     state = run.init_state(init_key)
     device = type(jax.local_devices()[0])
     monkeypatch.setattr(device, "memory_stats", lambda self: {"bytes_limit": 1024})
@@ -227,7 +227,7 @@ def test_a_run_that_does_not_fit_stops_with_the_figure_and_the_knobs(monkeypatch
         match=r"needs \d+\.\d+ GiB per device .* has 0\.00 GiB.*"
         r"model.remat=True",
     ):
-        loop.compile_and_plan_memory(run.make_step(), state, config, run.mesh, train_key)
+        loop.compile_and_plan_memory(run, state, train_key)
 
 
 def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import parallel
-from diffusion_jax.data import digits, folder
+from diffusion_jax.data import digits, folder, latents
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,6 @@ def in_memory_batches(
         step += 1
 
 
-def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Process-local rows -> global arrays sharded over the batch axes of the mesh."""
-    sharding = parallel.batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(v))
-        for k, v in batch.items()
-    }
-
-
 def create_iterator(
     config, mesh, *, split: str, global_batch: int, start_step: int = 0, train: bool = True
 ) -> Iterator[dict[str, jax.Array]]:
@@ -95,8 +86,6 @@ def create_iterator(
     d = config.data
     seed = config.training.seed
     if config_lib.is_latent(config):
-        from diffusion_jax import latents
-
         arrays = latents.load_latents(config, split)
         local = in_memory_batches(
             arrays["image"],
@@ -134,4 +123,4 @@ def create_iterator(
         )
     source = f"latents of {d.dataset}" if config_lib.is_latent(config) else d.dataset
     log.info("data: %s/%s from step %d, global batch %d", source, split, start_step, global_batch)
-    return (to_global(b, mesh) for b in local)
+    return (parallel.to_global(b, mesh) for b in local)

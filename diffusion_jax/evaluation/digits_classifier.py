@@ -3,14 +3,13 @@
 features of 16x16 greyscale digits would mean little).
 
 The shipped weights (digits_classifier.msgpack beside this file) were made by
-    python -m diffusion_jax.evaluation.digits_classifier
+    python -m diffusion_jax.tools.digits_classifier
 which trains for 1,500 steps from seed 0 on CPU in about a minute and prints the held-out
 accuracy.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -88,17 +87,3 @@ def features_and_logits(params, images: np.ndarray, batch: int = 500):
         feats.append(np.asarray(ft))
         logits.append(np.asarray(lg))
     return np.concatenate(feats), np.concatenate(logits)
-
-
-def main() -> int:
-    params = train()
-    test_x, test_y = digits.load_digits("test", IMAGE_SIZE)
-    _, logits = features_and_logits(params, test_x)
-    accuracy = float((logits.argmax(1) == test_y).mean())
-    WEIGHTS.write_bytes(flax.serialization.to_bytes(params))
-    print(f"wrote {WEIGHTS}; held-out accuracy {accuracy:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,12 +7,11 @@ bilinear interpolation (half-pixel centers, no antialiasing: torch's F.interpola
 align_corners=False), then mapped to [-1, 1]; greyscale images are repeated to 3 channels.
 
 Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, read without torch, or an .npz
-of the same arrays (`python -m diffusion_jax.evaluation.inception IN.pth OUT.npz`).
+of the same arrays (`python -m diffusion_jax.tools.inception_weights IN.pth OUT.npz`).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import flax
@@ -20,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax.models import factory
 
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -209,10 +210,8 @@ def preprocess(images_uint8):
 
 
 def abstract_params():
-    shapes = jax.eval_shape(FIDInceptionV3().init, jax.random.key(0), jnp.zeros((1, 299, 299, 3)))[
-        "params"
-    ]
-    return shapes
+    """The shapes of the network's parameters (nothing allocated)."""
+    return factory.abstract_params(FIDInceptionV3(), jnp.zeros((1, 299, 299, 3)))
 
 
 def torch_name(path: tuple[str, ...]) -> str:
@@ -255,7 +254,7 @@ def missing_weights_error(path) -> FileNotFoundError:
     return FileNotFoundError(
         f"Inception weights {path} do not exist: download {WEIGHTS_URL} and set "
         "eval.inception_weights to it (or to the .npz from `python -m "
-        "diffusion_jax.evaluation.inception IN.pth OUT.npz`)"
+        "diffusion_jax.tools.inception_weights IN.pth OUT.npz`)"
     )
 
 
@@ -307,22 +306,3 @@ def fid_features_and_logits(params, images_uint8, batch_size: int = 200, mesh=No
 def fid_features(params, images_uint8, batch_size: int = 200, mesh=None) -> np.ndarray:
     """pool3 features (N, 2048) float32 of uint8 images (N, H, W, C)."""
     return fid_features_and_logits(params, images_uint8, batch_size, mesh)[0]
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or not argv[1].endswith(".npz"):
-        print(
-            "usage: python -m diffusion_jax.evaluation.inception "
-            "pt_inception-2015-12-05-6726825d.pth OUT.npz"
-        )
-        return 2
-    state = load_state_dict(argv[0])
-    params_from_state_dict(state)  # validates every tensor before writing
-    np.savez(argv[1], **{k: v for k, v in state.items() if not k.endswith("num_batches_tracked")})
-    print(f"wrote {argv[1]} ({len(state)} tensors)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -126,7 +126,7 @@ def reference_features(path, inception_params, mesh=None, max_count: int = 10_00
             return inception.fid_features(inception_params, f["arr_0"][:max_count], mesh=mesh)
     raise ValueError(
         f"{path}: precision/recall need reference 'features' or images 'arr_0'; "
-        "recompute it with `python -m diffusion_jax.evaluation.reference_stats`"
+        "recompute it with `python -m diffusion_jax.tools.reference_stats`"
     )
 
 

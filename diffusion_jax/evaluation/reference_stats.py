@@ -1,45 +1,34 @@
 """Reference statistics for FID: mu and sigma of the FID Inception's pool3 features (and the
 features themselves, for precision/recall) of a tfds split or a folder of images.
 
-    python -m diffusion_jax.evaluation.reference_stats --config=configs/cifar10.py \\
-        --split=train --out=cifar10_train.npz \\
-        --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
-    python -m diffusion_jax.evaluation.reference_stats --config=configs/cifar10.py \\
-        --folder=my_images/ --out=my_images.npz --config.eval.inception_weights=...
-
-Images go through the same uint8 quantisation as generated samples; a tfds split is read in
-full (no flips), a folder's PNG/JPEG files in sorted order.
+The command-line program is `python -m diffusion_jax.tools.reference_stats`. Images go
+through the same uint8 quantisation as generated samples; a tfds split is read in full (no
+flips), a folder's PNG/JPEG files in sorted order.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
-import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from diffusion_jax import metrics_io, parallel
 from diffusion_jax.data import folder
 from diffusion_jax.evaluation import inception, metrics
 
 log = logging.getLogger(__name__)
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The run config (data and eval sections).")
-flags.DEFINE_string("split", None, "tfds split, e.g. train or test[:10000].")
-flags.DEFINE_string("folder", None, "A folder of PNG/JPEG images instead of a tfds split.")
-flags.DEFINE_string("out", None, "Output .npz with mu, sigma, features.")
-flags.DEFINE_integer("max_images", 50_000, "Use at most this many images.")
 
 
 def folder_images(path, image_size: int, channels: int, max_images: int) -> np.ndarray:
+    """uint8 (N, S, S, channels), S = image_size: the first `max_images` PNG/JPEG files of
+    the folder in sorted order, center-cropped and resized as the training data."""
     files, _ = folder.list_images(path)
     return np.stack([folder.load_image(f, image_size, channels) for f in files[:max_images]])
 
 
 def split_images(config, split: str, max_images: int) -> np.ndarray:
+    """uint8 (N, S, S, C), N <= max_images: the tfds `split` of config.data, in order and
+    without flips, quantised as generated samples are."""
     from diffusion_jax.data import tfds_source
 
     batches = tfds_source.batches(
@@ -55,29 +44,12 @@ def split_images(config, split: str, max_images: int) -> np.ndarray:
 
 
 def compute(config, images_uint8: np.ndarray, out) -> None:
+    """Writes `out` (.npz): mu (2048,), sigma (2048, 2048) of the FID Inception's pool3
+    features of images_uint8 (N, H, W, C), and the first 10,000 features (for precision and
+    recall). The Inception weights are config.eval.inception_weights."""
     params = inception.load_params(config.eval.inception_weights)
     mesh = parallel.make_mesh(config)
     feats = inception.fid_features(params, images_uint8, mesh=mesh)
     mu, sigma = metrics.statistics(feats)
     metrics.save_stats(out, mu, sigma, features=feats[:10_000])
     log.info("wrote %s from %d images", out, len(images_uint8))
-
-
-def main(argv) -> None:
-    del argv
-    logging.getLogger("diffusion_jax").setLevel(logging.INFO)
-    config = FLAGS.config
-    if not FLAGS.out or bool(FLAGS.split) == bool(FLAGS.folder):
-        raise app.UsageError("give --out and exactly one of --split, --folder")
-    if FLAGS.folder:
-        images = folder_images(
-            FLAGS.folder, config.data.image_size, config.data.channels, FLAGS.max_images
-        )
-    else:
-        images = split_images(config, FLAGS.split, FLAGS.max_images)
-    compute(config, images, FLAGS.out)
-    print(f"wrote {FLAGS.out} ({len(images)} images, {jax.device_count()} devices)")
-
-
-if __name__ == "__main__":
-    app.run(main, argv=sys.argv)

@@ -6,7 +6,8 @@ latent is decoded back to an image. The diffusion model works on `scaling_factor
 brings the latents to roughly unit variance (0.18215 for Stable Diffusion's VAE).
 
 Submodule names follow diffusers' AutoencoderKL, so published weights import by renaming
-and transposing (`convert.py`).
+and transposing (`convert/autoencoder.py`). `make_encode_fn` and `make_decode_fn` are the
+two directions a latent run uses (encoding its data once, decoding its samples).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import parallel
+from diffusion_jax.config import ConfigError
 from diffusion_jax.models import layers
 
 Dtype = Any
@@ -201,9 +204,73 @@ def create_autoencoder(config) -> AutoencoderKL:
     )
 
 
+def autoencoder_inputs(
+    image_size: int, image_channels: int, ch_mult, latent_channels: int, batch: int = 1
+) -> tuple:
+    """Example positional inputs (x, noise) of `AutoencoderKL.__call__`, for init and shape
+    evaluation: zeros x (B, H, W, C) and noise (B, H/f, W/f, latent_channels), with
+    H = W = image_size, C = image_channels and f = downsampling_factor(ch_mult)."""
+    latent = image_size // downsampling_factor(ch_mult)
+    return (
+        jnp.zeros((batch, image_size, image_size, image_channels)),
+        jnp.zeros((batch, latent, latent, latent_channels)),
+    )
+
+
 def blur_baseline(images, factor: int):
     """The images average-pooled by `factor` and resized back (bilinear): what a latent grid
     of the same spatial size could carry with no learning at all. (B, H, W, C) -> same."""
     b, h, w, c = images.shape
     pooled = nn.avg_pool(images, (factor, factor), strides=(factor, factor))
     return jax.image.resize(pooled, (b, h, w, c), "bilinear")
+
+
+# Fields of config.autoencoder that define the network; weights must agree on every one.
+ARCHITECTURE_FIELDS = (
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "latent_channels",
+    "norm_groups",
+    "norm_eps",
+    "mid_attention",
+)
+
+
+def check_architecture(config, found: dict, source) -> None:
+    """Refuses weights whose autoencoder (`found`, config.autoencoder fields) differs from
+    config.autoencoder, naming the first field that differs and where the weights are."""
+    for key in ARCHITECTURE_FIELDS:
+        want, have = config.autoencoder[key], found[key]
+        if isinstance(want, list | tuple):
+            want, have = tuple(want), tuple(have)
+        if want != have:
+            raise ConfigError(
+                f"config.autoencoder.{key}: {want!r} differs from {have!r} of the autoencoder "
+                f"in {source}"
+            )
+
+
+def make_encode_fn(model: AutoencoderKL, scaling_factor: float, mesh):
+    """jitted (params, images (B, H, W, C)) -> scaling_factor * posterior mean
+    (B, H/f, W/f, latent_channels), split over the mesh's batch axes."""
+    sharding = parallel.batch_sharding(mesh)
+
+    def encode(params, images):
+        mean, _ = model.apply({"params": params}, images, method=model.encode)
+        return scaling_factor * mean
+
+    return jax.jit(encode, in_shardings=(None, sharding), out_shardings=sharding)
+
+
+def make_decode_fn(model: AutoencoderKL, scaling_factor: float):
+    """(params, latents (..., h, w, c)) -> images (..., h f, w f, C) in [-1, 1]: the decoder
+    of latents / scaling_factor; leading axes are flattened into one batch."""
+
+    def decode(params, latents):
+        lead = latents.shape[:-3]
+        flat = latents.reshape((-1,) + latents.shape[-3:]) / scaling_factor
+        images = model.apply({"params": params}, flat, method=model.decode)
+        return jnp.clip(images, -1.0, 1.0).reshape(lead + images.shape[1:])
+
+    return decode

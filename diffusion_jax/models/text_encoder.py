@@ -92,3 +92,10 @@ class CLIPTextEncoder(nn.Module):
             )(h)
         h = layers.layer_norm("final_layer_norm", eps=self.eps, dtype=self.dtype)(h)
         return h.astype(jnp.float32)
+
+
+def text_encoder_inputs(max_length: int, batch: int = 1) -> tuple:
+    """Example positional inputs (tokens,) of `CLIPTextEncoder`, for init and shape
+    evaluation: tokens (B, max_length) int32 zeros. A 1-tuple, to unpack like the other
+    models' example inputs."""
+    return (jnp.zeros((batch, max_length), jnp.int32),)

@@ -1,0 +1,82 @@
+"""Latent shards: the data set of a latent diffusion run, on disk.
+
+`--mode=encode` (`diffusion_jax.encode`) writes them: each process writes its own shards
+`<data.latents>/<split>-<process>-<shard>.npz` holding `latent` (N, h, w, c) float32, already
+multiplied by `autoencoder.scaling_factor`, `label` (N,), and `context` (N, M, D) when the
+data carry text embeddings; `<split>-meta.json` records the shape and the autoencoder.
+Several hosts need `data.latents` on a file system they all see (as checkpoints do).
+
+This module knows the format only: nothing here loads or runs the autoencoder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from diffusion_jax import config as config_lib
+
+SHARD_EXAMPLES = 8192  # examples per shard file
+
+
+def latents_dir(config, workdir) -> Path:
+    """data.latents, or <workdir>/latents when it is empty."""
+    return Path(config.data.latents) if config.data.latents else Path(workdir) / "latents"
+
+
+def with_latents_dir(config, workdir) -> ml_collections.ConfigDict:
+    """A copy of `config` whose data.latents names the shard directory explicitly."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.latents = str(latents_dir(config, workdir))
+    return config
+
+
+def shard_path(folder, split: str, process: int, shard: int) -> Path:
+    return Path(folder) / f"{split}-{process:05d}-{shard:05d}.npz"
+
+
+def meta_path(folder, split: str) -> Path:
+    return Path(folder) / f"{split}-meta.json"
+
+
+def write_shard(path, arrays: dict[str, np.ndarray]) -> None:
+    """One shard file: {"latent", "label", ["context"]}, each with the same first axis."""
+    np.savez(path, **arrays)
+
+
+def write_meta(folder, split: str, meta: dict) -> None:
+    meta_path(folder, split).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def latents_exist(config, split: str) -> bool:
+    return meta_path(config.data.latents, split).exists()
+
+
+def load_latents(config, split: str) -> dict[str, np.ndarray]:
+    """All shards of `split` in data.latents: {"image": latents, "label", ["context"]}."""
+    folder = Path(config.data.latents)
+    meta_file = meta_path(folder, split)
+    files = sorted(folder.glob(f"{split}-*-*.npz"))
+    if not meta_file.exists() or not files:
+        raise FileNotFoundError(
+            f"config.data.latents: no {split} latents in {folder}; write them with "
+            "--mode=encode (the same config and workdir)"
+        )
+    meta = json.loads(meta_file.read_text())
+    want = list(config_lib.model_input_shape(config))
+    if meta["shape"] != want:
+        raise config_lib.ConfigError(
+            f"config.data.latents: {folder} holds latents of (size, channels) {meta['shape']}, "
+            f"the model expects {want}; encode again with this autoencoder"
+        )
+    parts = [dict(np.load(f)) for f in files]
+    out = {
+        "image": np.concatenate([p["latent"] for p in parts]).astype(np.float32),
+        "label": np.concatenate([p["label"] for p in parts]).astype(np.int32),
+    }
+    if "context" in parts[0]:
+        out["context"] = np.concatenate([p["context"] for p in parts]).astype(np.float32)
+    return out

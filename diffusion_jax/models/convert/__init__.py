@@ -1,0 +1,77 @@
+"""Import and export of weights in the diffusers / transformers layouts.
+
+A diffusers folder holds `config.json` and `diffusion_pytorch_model.safetensors` (and, for a
+pipeline, `scheduler_config.json` beside it or in `../scheduler/`). The published DDPM
+checkpoints (google/ddpm-cifar10-32, ddpm-celebahq-256, ddpm-church-256, ddpm-bedroom-256)
+are UNet2DModels; Stable Diffusion's `unet/` is a UNet2DConditionModel, its `vae/` an
+AutoencoderKL and its `text_encoder/` a transformers CLIPTextModel (`model.safetensors`).
+Tensors are read with safetensors' NumPy API: no torch at run time.
+
+    layout.py        tensor names and the Flax <-> torch layouts, shared by every family
+    unet.py          UNet2DModel / UNet2DConditionModel <-> the U-Net (from_diffusers)
+    autoencoder.py   AutoencoderKL <-> the KL autoencoder
+    text_encoder.py  transformers' CLIPTextModel <-> CLIP's text encoder
+    pipeline.py      a Stable Diffusion pipeline folder: all three at once (from_pipeline)
+
+The command-line converter is `diffusion_jax.tools.convert`.
+"""
+
+from diffusion_jax.models.convert.autoencoder import (
+    autoencoder_fields_from_diffusers,
+    autoencoder_from_diffusers,
+    autoencoder_to_diffusers,
+)
+from diffusion_jax.models.convert.layout import (
+    LEGACY_ATTENTION,
+    WEIGHTS_FILE,
+    diffusers_name,
+    from_torch_layout,
+    match_tensors,
+    to_torch_layout,
+    torch_tensors,
+)
+from diffusion_jax.models.convert.pipeline import from_pipeline
+from diffusion_jax.models.convert.text_encoder import (
+    TEXT_ENCODER_FILE,
+    TEXT_PREFIX,
+    text_encoder_fields,
+    text_encoder_from_transformers,
+    text_encoder_to_transformers,
+)
+from diffusion_jax.models.convert.unet import (
+    DOWN_BLOCKS,
+    UNSUPPORTED_CONDITION_OPTIONS,
+    UP_BLOCKS,
+    diffusers_config,
+    from_diffusers,
+    model_config_from_diffusers,
+    params_from_tensors,
+    to_diffusers,
+)
+
+__all__ = [
+    "DOWN_BLOCKS",
+    "LEGACY_ATTENTION",
+    "TEXT_ENCODER_FILE",
+    "TEXT_PREFIX",
+    "UNSUPPORTED_CONDITION_OPTIONS",
+    "UP_BLOCKS",
+    "WEIGHTS_FILE",
+    "autoencoder_fields_from_diffusers",
+    "autoencoder_from_diffusers",
+    "autoencoder_to_diffusers",
+    "diffusers_config",
+    "diffusers_name",
+    "from_diffusers",
+    "from_pipeline",
+    "from_torch_layout",
+    "match_tensors",
+    "model_config_from_diffusers",
+    "params_from_tensors",
+    "text_encoder_fields",
+    "text_encoder_from_transformers",
+    "text_encoder_to_transformers",
+    "to_diffusers",
+    "to_torch_layout",
+    "torch_tensors",
+]

@@ -1,0 +1,257 @@
+"""One run setup for every job: what training, evaluation, sampling and encoding all build
+from a config.
+
+`setup_run(config, init_key)` gives the mesh, the noise schedule, the objective (chosen once,
+`objectives.for_config`), its model, the optimizer and the abstract sharded state, with no
+device memory touched yet; the run caches the functions it compiles (the sampler, the
+reconstruction of an autoencoder) so that every job of one process compiles them once.
+`run_keys` splits the run's seed; `restore_ema` reads the EMA weights a job evaluates;
+`load_autoencoder` reads the autoencoder a latent run works through.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import checkpointing, export, objectives, parallel, sampling
+from diffusion_jax import config as config_lib
+from diffusion_jax import diffusion as dm
+from diffusion_jax.models import autoencoder as ae_lib
+from diffusion_jax.models import convert
+from diffusion_jax.models.factory import abstract_params
+from diffusion_jax.training import state as state_lib
+from diffusion_jax.training.step import make_train_step
+
+
+def schedule_from_config(config) -> dm.Schedule:
+    """The noise schedule of config.diffusion (a negative beta means the published value)."""
+    f = config.diffusion
+    return dm.make_schedule(
+        f.schedule,
+        f.num_timesteps,
+        beta_start=f.beta_start if f.beta_start >= 0 else None,
+        beta_end=f.beta_end if f.beta_end >= 0 else None,
+    )
+
+
+def run_keys(config):
+    """(init, train, sample) keys, all from config.training.seed."""
+    return jax.random.split(jax.random.key(config.training.seed), 3)
+
+
+class RunSetup(NamedTuple):
+    """Mesh, objective, model, schedule, optimizer and the abstract sharded state of a run."""
+
+    mesh: Any
+    objective: objectives.Objective
+    model: Any
+    sched: Any
+    optimizer: Any
+    lr_schedule: Any
+    init_fn: Any  # key -> TrainState
+    abstract_state: Any  # jax.ShapeDtypeStruct leaves with .sharding
+    state_sharding: Any
+    config: Any
+    compiled: dict  # functions compiled for this run, by name
+    decoder: Any = None  # (decode_fn, autoencoder params) of a latent run
+
+    def _cached(self, name, build):
+        if name not in self.compiled:
+            self.compiled[name] = build()
+        return self.compiled[name]
+
+    def sample_fn(self, return_x0_at=None):
+        """The run's jitted sampler (`sampling.make_sample_fn`), compiled once and reused by
+        the training grids, evaluation and sample mode; it returns decoded images in a
+        latent run."""
+        return self._cached(
+            ("sample", return_x0_at),
+            lambda: sampling.make_sample_fn(
+                self.model,
+                self.sched,
+                self.config,
+                self.mesh,
+                return_x0_at=return_x0_at,
+                decoder=self.decoder,
+            ),
+        )
+
+    def reconstruct_fn(self):
+        """An autoencoder run's jitted fn(params, images) -> decoded posterior means in
+        [-1, 1] (`objectives.reconstruct`), compiled once per run."""
+        return self._cached(
+            "reconstruct", lambda: jax.jit(functools.partial(objectives.reconstruct, self.model))
+        )
+
+    def generate(self, params, num: int, key, *, labels=None, progress_every: int = 1):
+        """`sampling.generate` with this run's sampler: `num` samples, uint8."""
+        return sampling.generate(
+            self.sample_fn(),
+            self.config,
+            self.mesh,
+            params,
+            num,
+            key,
+            labels=labels,
+            progress_every=progress_every,
+        )
+
+    def write_samples(self, params, key, path) -> None:
+        """`sampling.write_samples` with this run's sampler: a grid PNG and its .npz."""
+        sampling.write_samples(self.sample_fn(), self.config, self.mesh, params, key, path)
+
+    def init_state(self, init_key) -> state_lib.TrainState:
+        """A fresh state, created already sharded: no host ever holds all of it."""
+        return jax.jit(self.init_fn, out_shardings=self.state_sharding)(init_key)
+
+    def make_step(self):
+        """The jitted, sharded, state-donating train step of this run."""
+        o, t = self.config.optim, self.config.training
+        return make_train_step(
+            mesh=self.mesh,
+            state_sharding=self.state_sharding,
+            model=self.model,
+            objective=self.objective,
+            optimizer=self.optimizer,
+            lr_schedule=self.lr_schedule,
+            grad_accum=t.grad_accum,
+            ema_decay=o.ema_decay,
+            ema_warmup=o.ema_warmup,
+        )
+
+
+def setup_run(config, init_key, devices=None) -> RunSetup:
+    """The run of `config` on a mesh over `devices` (default: all devices)."""
+    mesh = parallel.make_mesh(config, devices)
+    sched = schedule_from_config(config)
+    objective = objectives.for_config(config, sched)
+    model = objective.create_model(config)
+    lr_schedule = state_lib.learning_rate_schedule(config.optim, config.training.num_steps)
+    optimizer = state_lib.make_optimizer(config.optim, config.training.num_steps)
+    inputs = objective.init_inputs(config)
+
+    def init_fn(key):
+        params = nn.unbox(model.init(key, *inputs))["params"]
+        return state_lib.TrainState.create(params, optimizer)
+
+    boxed_params = abstract_params(model, *inputs, boxed=True)
+    abstract_state = jax.eval_shape(init_fn, init_key)
+    state_sharding = parallel.state_shardings(
+        mesh, abstract_state, abstract_state.params, parallel.logical_axes_tree(boxed_params)
+    )
+    abstract = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
+    decoder = None
+    if config_lib.is_latent(config):
+        autoencoder, ae_params = load_autoencoder(config)
+        ae_params = jax.device_put(ae_params, parallel.replicated(mesh))
+        decoder = (
+            ae_lib.make_decode_fn(autoencoder, config.autoencoder.scaling_factor),
+            ae_params,
+        )
+    return RunSetup(
+        mesh=mesh,
+        objective=objective,
+        model=model,
+        sched=sched,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        init_fn=init_fn,
+        abstract_state=abstract,
+        state_sharding=state_sharding,
+        config=config,
+        compiled={},
+        decoder=decoder,
+    )
+
+
+def restore_ema(config, workdir, step: int | None, run: RunSetup | None = None):
+    """(step, EMA params placed for this run's mesh, run) from the checkpoint of `step` (None:
+    the newest) or from eval.params_file (an exported single file, step 0); `run` is set up
+    when not given."""
+    if run is None:
+        run = setup_run(config, run_keys(config)[0])
+    if config.eval.params_file:
+        params, _ = export.load_params(config.eval.params_file)
+        shardings = run.state_sharding.params
+        params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
+        return 0, params, run
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    available = manager.all_steps()
+    if not available:
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; "
+            "train first (--mode=train) or set eval.params_file"
+        )
+    step = max(available) if step is None else step
+    if step not in available:
+        raise config_lib.ConfigError(
+            f"config.eval.checkpoint_step: no checkpoint {step} in {manager.directory} "
+            f"(have {sorted(available)})"
+        )
+    params = checkpointing.restore_ema(manager, step, run.abstract_state.ema_params)
+    return step, params, run
+
+
+def checkpoint_step_arg(config) -> int | None:
+    """eval.checkpoint_step, or None (the newest) when it is negative."""
+    return config.eval.checkpoint_step if config.eval.checkpoint_step >= 0 else None
+
+
+def load_autoencoder(config):
+    """(module, params) of the autoencoder a latent run works through.
+
+    `autoencoder.weights` names it: the workdir of a run with
+    `training.objective="autoencoder"` (its newest checkpoint's EMA weights), a file written
+    by `--mode=export`, or a diffusers AutoencoderKL folder (config.json + safetensors, e.g.
+    Stable Diffusion's `vae/`; by default `<pretrained>/vae`). Its architecture must equal
+    `config.autoencoder`.
+    """
+    source = Path(config.autoencoder.weights or Path(config.pretrained) / "vae")
+    if not source.exists():
+        raise FileNotFoundError(
+            f"config.autoencoder.weights: {source} does not exist; train one with "
+            "--config.training.objective=autoencoder or give a diffusers AutoencoderKL folder"
+        )
+    if source.is_dir() and (source / convert.WEIGHTS_FILE).exists():
+        params, fields = convert.autoencoder_from_diffusers(source)
+        ae_lib.check_architecture(config, fields, source)
+    elif source.is_file():
+        params, saved = export.load_params(source)
+        ae_lib.check_architecture(config, saved.autoencoder.to_dict(), source)
+    else:
+        params = _restore_autoencoder_run(config, source)
+    return ae_lib.create_autoencoder(config), jax.tree.map(jnp.asarray, params)
+
+
+def _restore_autoencoder_run(config, source: Path):
+    """The newest EMA parameters of the autoencoder run in workdir `source`."""
+    run_config = source / "config.json"
+    if not run_config.exists():
+        raise FileNotFoundError(
+            f"config.autoencoder.weights: {source} is not an autoencoder run (no config.json), "
+            "an exported .msgpack or a diffusers AutoencoderKL folder"
+        )
+    saved = json.loads(run_config.read_text())
+    if saved["training"].get("objective") != "autoencoder":
+        raise config_lib.ConfigError(
+            f"config.autoencoder.weights: {source} trained "
+            f"{saved['training'].get('objective', 'diffusion')!r}, not an autoencoder"
+        )
+    ae_lib.check_architecture(config, saved["autoencoder"], run_config)
+    manager = checkpointing.make_manager(source, read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        where = checkpointing.checkpoint_dir(source)
+        raise FileNotFoundError(f"config.autoencoder.weights: no checkpoint in {where}")
+    autoencoder = objectives.autoencoder(config)
+    abstract = abstract_params(autoencoder.create_model(config), *autoencoder.init_inputs(config))
+    params = checkpointing.restore_ema(manager, max(steps), abstract)
+    manager.close()
+    return params
