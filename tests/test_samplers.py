@@ -134,4 +134,4 @@ def test_respaced_timesteps():
 def test_unknown_sampler_names_the_field():
     sched = dm.make_schedule("linear", 50)
     with pytest.raises(ValueError, match="sampling.sampler"):
-        dm.sample(oracle(sched), sched, jax.random.key(0), shape=(1, 1), sampler="euler")
+        dm.sample(oracle(sched), sched, jax.random.key(0), shape=(1, 1), sampler="lms")

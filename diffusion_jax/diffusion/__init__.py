@@ -26,7 +26,7 @@ from diffusion_jax.diffusion.process import (
     x0_from_eps,
     x0_from_v,
 )
-from diffusion_jax.diffusion.samplers import SAMPLERS, respaced_timesteps, sample
+from diffusion_jax.diffusion.samplers import SAMPLERS, nfe, respaced_timesteps, sample
 from diffusion_jax.diffusion.schedules import (
     SCHEDULES,
     Schedule,
@@ -45,6 +45,7 @@ __all__ = [
     "eps_from_v",
     "eps_from_x0",
     "make_schedule",
+    "nfe",
     "normal_kl",
     "p_mean_variance",
     "prior_bpd",
