@@ -23,8 +23,7 @@ import numpy as np
 from benchmarks.common import emit, time_calls
 from benchmarks.train_step import load_config
 from diffusion_jax import diffusion as dm
-from diffusion_jax import sampling
-from diffusion_jax.main import enable_compilation_cache
+from diffusion_jax import parallel, sampling
 from diffusion_jax.run import run_keys, setup_run
 
 
@@ -42,7 +41,7 @@ def main():
     config.sampling.sampler, config.sampling.num_steps = "ddim", args.steps
     config.mesh.data = -1
     if args.whole_process:
-        enable_compilation_cache()
+        parallel.enable_compilation_cache()
     init_key, _, key = run_keys(config)
     run = setup_run(config, init_key)
     params = run.init_state(init_key).ema_params

@@ -27,11 +27,13 @@ tests/test_layers.py checks both and names any import that breaks them.
    statistics, and the eval job (`evaluation/evaluate.py`). Never imports `training/`:
    the run setup hands it what it needs.
 8. Jobs: `training/loop.py` (--mode=train), `sample.py` (--mode=sample, text-to-image
-   included), `encode.py` (--mode=encode), `export_ema.py` (--mode=export); `tools/`,
+   included), `encode.py` (--mode=encode), `export_ema.py` (--mode=export); `preflight.py`,
+   everything a job needs checked before anything compiles or is written; `tools/`,
    command-line programs other than the main one (`python -m diffusion_jax.tools.<name>`),
    which nothing imports.
-9. Command line: `main.py` — flags, checks, dispatch by --mode; only `__main__.py`
-   (`python -m diffusion_jax`) imports it.
+9. Command line: `main.py` — flags, help, pre-flight, dispatch by --mode, exit statuses;
+   `cli_args.py`, the command line's arguments checked into one-line errors. Only
+   `__main__.py` (`python -m diffusion_jax`) imports main.
 """
 
 __version__ = "0.1.0"

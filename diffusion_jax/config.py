@@ -134,14 +134,18 @@ def base_config() -> ml_collections.ConfigDict:
     t.objective = "diffusion"  # or "autoencoder" (trains config.autoencoder on data)
 
     c.sampling = s = ml_collections.ConfigDict()
-    s.sampler = "ddim"
-    s.num_steps = 50
+    s.sampler = "ddim"  # ddpm, ddim, dpm_solver++ (2M), dpm_solver++_sde, dpm_solver++_3m,
+    # unipc, euler, heun (EDM, Karras sigmas)
+    s.num_steps = 50  # network evaluations (NFE) for every sampler
     s.spacing = ""  # "" uses the sampler's default spacing
     # Explicit descending timesteps, overriding num_steps and spacing; e.g. diffusers'
     # "leading" spacing of Stable Diffusion's scheduler (steps_offset=1) for 5 steps is
     # (801, 601, 401, 201, 1).
     s.timesteps = ()
     s.eta = 0.0
+    s.s_churn = 0.0  # euler/heun: EDM's stochastic churn (0: the deterministic ODE)
+    s.s_noise = 1.0  # euler/heun: the churn noise's scale
+    s.unipc_variant = "bh2"  # unipc: B(h) = e^h - 1 ("bh2") or h ("bh1")
     s.num_samples = 64
     s.guidance_scale = -1.0  # < 0: no guidance
     s.clip_denoised = True
@@ -166,6 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 DTYPES = ("float32", "bfloat16")
 OBJECTIVES = ("diffusion", "autoencoder")
+EVAL_METRICS = ("digits_fd", "bpd", "fid", "is", "precision", "recall", "reconstruction")
+INCEPTION_METRICS = ("fid", "is", "precision", "recall")  # need eval.inception_weights
+REFERENCE_METRICS = ("fid", "precision", "recall")  # need eval.reference_stats
 
 
 def is_latent(config) -> bool:
@@ -231,6 +238,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "sampling.spacing",
         f"unknown {s.spacing!r}; choose one of {samplers.SPACINGS}",
     )
+    _require(
+        not s.spacing or s.sampler not in ("euler", "heun"),
+        "sampling.spacing",
+        f"{s.sampler} steps over Karras sigmas; leave sampling.spacing empty",
+    )
+    _require_choice(s.unipc_variant, ("bh1", "bh2"), "sampling.unipc_variant")
+    _require(s.s_churn >= 0 and s.s_noise >= 0, "sampling.s_churn", "s_churn, s_noise >= 0")
     steps = list(s.timesteps)
     _require(
         all(0 <= a < f.num_timesteps for a in steps) and steps == sorted(set(steps), reverse=True),
@@ -314,6 +328,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
     for name in ("log_every", "ckpt_every", "sample_every"):
         _require(t[name] >= 1, f"training.{name}", "must be >= 1")
+    _validate_ranges(config)
     if num_devices is not None:
         sizes = mesh_shape(config, num_devices)
         per_step = t.batch_size // t.grad_accum
@@ -323,6 +338,78 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"the micro-batch {per_step} is not divisible by the {sizes[0] * sizes[1]} "
             "devices of the mesh (mesh.data x mesh.fsdp)",
         )
+
+
+def _at_least(value, low, field: str):
+    _require(value >= low, field, f"must be >= {low}, not {value!r}")
+
+
+def _validate_ranges(config) -> None:
+    """Positive sizes and counts, non-negative rates and probabilities in [0, 1], attention at
+    resolutions the model has, evaluation metrics that exist."""
+    d, m, o, t, s, e = (
+        config.data,
+        config.model,
+        config.optim,
+        config.training,
+        config.sampling,
+        config.eval,
+    )
+    for field, value in (
+        ("data.image_size", d.image_size),
+        ("data.channels", d.channels),
+        ("model.ch", m.ch),
+        ("model.num_res_blocks", m.num_res_blocks),
+        ("model.num_heads", m.num_heads),
+        ("model.norm_groups", m.norm_groups),
+        ("training.batch_size", t.batch_size),
+        ("training.num_steps", t.num_steps),
+        ("training.max_to_keep", t.max_to_keep),
+        ("training.max_consecutive_nonfinite", t.max_consecutive_nonfinite),
+        ("sampling.num_samples", s.num_samples),
+        ("sampling.batch_size", s.batch_size),
+        ("eval.num_samples", e.num_samples),
+        ("eval.bpd_num_examples", e.bpd_num_examples),
+    ):
+        _at_least(value, 1, field)
+    for field, value in (
+        ("data.num_classes", d.num_classes),
+        ("optim.lr", o.lr),
+        ("optim.warmup_steps", o.warmup_steps),
+        ("optim.weight_decay", o.weight_decay),
+        ("training.eval_every", t.eval_every),
+        ("sampling.eta", s.eta),
+    ):
+        _at_least(value, 0, field)
+    _at_least(e.checkpoint_step, -1, "eval.checkpoint_step")
+    _require(o.eps > 0, "optim.eps", f"must be > 0, not {o.eps!r}")
+    for field, value in (
+        ("optim.beta1", o.beta1),
+        ("optim.beta2", o.beta2),
+        ("training.cond_drop_prob", t.cond_drop_prob),
+    ):
+        _require(0.0 <= value < 1.0, field, f"must be in [0, 1), not {value!r}")
+    _require(
+        len(m.ch_mult) >= 1 and all(k >= 1 for k in m.ch_mult),
+        "model.ch_mult",
+        f"must be one or more positive multipliers, not {tuple(m.ch_mult)}",
+    )
+    if t.objective == "diffusion":
+        size, _ = model_input_shape(config)
+        resolutions = tuple(size // 2**i for i in range(len(m.ch_mult)))
+        missing = sorted(set(m.attn_resolutions) - set(resolutions))
+        _require(
+            not missing,
+            "model.attn_resolutions",
+            f"{missing[0] if missing else ''} is not a resolution of this U-Net; it has "
+            f"{resolutions} (model input {size} halved per level of model.ch_mult)",
+        )
+    unknown = sorted(set(e.metrics) - set(EVAL_METRICS))
+    _require(
+        not unknown,
+        "eval.metrics",
+        f"unknown {unknown[0] if unknown else ''!r}; choose from {EVAL_METRICS}",
+    )
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import parallel
+from diffusion_jax import export, parallel
 from diffusion_jax.data import folder, latents, pipeline, tfds_source
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models.prompts import PromptEncoder
@@ -47,12 +47,38 @@ def _local_batches(config, split: str, per_host: int):
     )
 
 
-def encode_dataset(config, workdir, split: str | None = None) -> Path:
-    """Encodes `split` (data.train_split) of config.data to latent shards (module doc)."""
+def ensure_latents(config, workdir):
+    """`config` with data.latents set, its training split's shards encoded first when they
+    are missing or were made by another autoencoder than autoencoder.weights."""
+    config = latents.with_latents_dir(config, workdir)
+    split = config.data.train_split
+    autoencoder = load_autoencoder(config)
+    if latents.latents_exist(config, split):
+        meta = latents.read_meta(config.data.latents, split)
+        if meta.get("autoencoder_sha256") == export.params_fingerprint(autoencoder[1]):
+            return config
+        log.warning(
+            "latents: %s/%s-* were made by another autoencoder (%s) than %s; encoding again",
+            config.data.latents,
+            split,
+            meta.get("autoencoder", "?"),
+            config.autoencoder.weights or config.pretrained,
+        )
+    else:
+        log.info("latents: none in %s yet; encoding the training split once", config.data.latents)
+    encode_dataset(config, workdir, autoencoder=autoencoder)
+    return config
+
+
+def encode_dataset(config, workdir, split: str | None = None, autoencoder=None) -> Path:
+    """Encodes `split` (data.train_split) of config.data to latent shards (module doc),
+    replacing any shards of that split; `autoencoder` (module, params) is loaded from
+    autoencoder.weights when not given."""
     split = split or config.data.train_split
     out_dir = latents.latents_dir(config, workdir)
     mesh = parallel.make_mesh(config)
-    model, params = load_autoencoder(config)
+    model, params = autoencoder or load_autoencoder(config)
+    fingerprint = export.params_fingerprint(params)
     params = jax.device_put(params, parallel.replicated(mesh))
     scaling = config.autoencoder.scaling_factor
     encode = ae_lib.make_encode_fn(model, scaling, mesh)
@@ -73,6 +99,9 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
     captions = encoder = None
     if config_lib.is_text_conditioned(config):
         captions, encoder = _captions_and_encoder(config, split)
+    if parallel.is_main_process() and out_dir.exists():
+        latents.remove_split(out_dir, split)
+    _barrier("old latent shards removed")
     out_dir.mkdir(parents=True, exist_ok=True)
     for batch in _local_batches(config, split, per_host):
         valid = len(batch["image"])
@@ -94,16 +123,14 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
             "split": split,
             "shape": list(config_lib.model_input_shape(config)),
             "scaling_factor": scaling,
-            "autoencoder": str(config.autoencoder.weights),
+            "autoencoder": str(config.autoencoder.weights or config.pretrained),
+            "autoencoder_sha256": fingerprint,
             "dataset": d.dataset,
             "image_size": d.image_size,
         }
         latents.write_meta(out_dir, split, meta)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        # Every host reads every shard next: none may start before all are written.
-        multihost_utils.sync_global_devices("latent shards written")
+    # Every host reads every shard next: none may start before all are written.
+    _barrier("latent shards written")
     size, channels = config_lib.model_input_shape(config)
     count = max(total * size * size * channels, 1)  # this process's latents
     std = float(np.sqrt(max(moments[1] / count - (moments[0] / count) ** 2, 0.0)))
@@ -118,6 +145,13 @@ def encode_dataset(config, workdir, split: str | None = None) -> Path:
         scaling / std if std > 0 else scaling,
     )
     return out_dir
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _captions_and_encoder(config, split):

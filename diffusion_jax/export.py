@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import flax.serialization
+import flax.traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -25,6 +27,18 @@ def save_params(path, params, config: ml_collections.ConfigDict) -> None:
     tmp.write_bytes(flax.serialization.msgpack_serialize(host))
     tmp.replace(path)
     config_path(path).write_text(config.to_json_best_effort(indent=2))
+
+
+def params_fingerprint(params) -> str:
+    """sha256 of a parameter tree's float32 values in path order: the same for the same
+    weights however they were stored or sharded."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(
+        flax.traverse_util.flatten_dict(jax.device_get(params), sep="/").items()
+    ):
+        digest.update(path.encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return digest.hexdigest()
 
 
 def load_params(path) -> tuple[dict, ml_collections.ConfigDict]:

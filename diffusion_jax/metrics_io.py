@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -17,25 +19,40 @@ log = logging.getLogger(__name__)
 
 
 class MetricWriter:
-    """Appends one JSON object per call to `metrics.jsonl` and writes TensorBoard scalars."""
+    """Appends one JSON object per call to `metrics.jsonl` and writes TensorBoard scalars.
 
-    def __init__(self, workdir, filename: str = "metrics.jsonl", tensorboard: bool = True):
+    Every line is JSON (a non-finite value is written as null), and a resumed run first drops
+    the rows after the step it resumes from (`resume_step`): a run killed after logging
+    past its last checkpoint logs those steps again, and the file keeps one row per step.
+    """
+
+    def __init__(
+        self,
+        workdir,
+        filename: str = "metrics.jsonl",
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / filename
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                truncate_rows(self.path, resume_step)
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                # TensorBoard hides the events of the steps logged again, as the file drops them.
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
@@ -47,9 +64,33 @@ class MetricWriter:
             self._tb.close()
 
 
+def truncate_rows(path: Path, last_step: int) -> None:
+    """Keeps the rows of `path` up to `last_step`, one per step (the last one written), in
+    step order; drops any line that is not JSON (a kill mid-write). The new file replaces
+    the old one at once, so a kill now loses nothing."""
+    if not path.exists():
+        return
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            rows[row["step"]] = row
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(rows[s], allow_nan=False) + "\n" for s in sorted(rows)))
+    os.replace(tmp, path)
+
+
 def _to_python(value):
+    """A number, or nested lists of numbers, as JSON holds them: NaN and infinities become
+    None (null), since JSON has no such numbers."""
     value = np.asarray(value)
-    return value.item() if value.ndim == 0 else value.tolist()
+    if value.ndim:
+        return [_to_python(v) for v in value]
+    value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def format_duration(seconds: float) -> str:
@@ -62,26 +103,54 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Rate and ETA of a loop over `total` items, reported as one log line."""
+    """Rate and ETA of a loop over `total` items, reported as one log line.
 
-    def __init__(self, total: int, start: int = 0, unit: str = "it"):
-        self.total, self.unit = total, unit
-        self._t0, self._n0 = time.perf_counter(), start
-        self._last_t, self._last_n = self._t0, start
+    The rate counts only the loop's own work: time spent inside `paused()` (checkpoints,
+    pictures, evaluations) is left out, and so are the items before `begin` (the first step
+    of a run, which pays for warming up). The ETA adds the paused time seen so far per item,
+    so that it stays the time to the end of the loop.
+    """
+
+    def __init__(self, total: int, start: int = 0, unit: str = "it", clock=time.perf_counter):
+        self.total, self.unit, self._clock = total, unit, clock
+        self._paused = 0.0
+        self.begin(start)
+
+    def begin(self, done: int) -> None:
+        """Counts from now and `done` items on."""
+        self._start = self._clock()
+        self._last_t, self._n0, self._last_n = self._busy(), done, done
+
+    @contextmanager
+    def paused(self):
+        """Time inside is not the loop's: it does not count in the rate."""
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self._paused += self._clock() - t0
+
+    def _busy(self) -> float:
+        return self._clock() - self._paused
 
     def update(self, done: int) -> dict:
-        """Figures since the last update: rate (items/s) and ETA (s) at the overall rate."""
-        now = time.perf_counter()
+        """Figures since the last update: rate (items/s; NaN when no item was timed) and ETA
+        (s; the wall time per item since `begin`, pauses included, times the items left)."""
+        now = self._busy()
         rate = (done - self._last_n) / max(now - self._last_t, 1e-9)
-        overall = (done - self._n0) / max(now - self._t0, 1e-9)
         self._last_t, self._last_n = now, done
-        eta = (self.total - done) / overall if overall > 0 else float("inf")
+        counted = done - self._n0
+        if counted <= 0:
+            return {"rate": float("nan"), "eta": float("inf")}
+        eta = (self.total - done) * (self._clock() - self._start) / counted
         return {"rate": rate, "eta": eta}
 
     def line(self, done: int, figures: dict) -> str:
         pct = 100.0 * done / max(self.total, 1)
+        rate = figures["rate"]
+        rate = f"{rate:.2f}" if math.isfinite(rate) else "?"
         return (
-            f"{done}/{self.total} ({pct:.0f}%) {figures['rate']:.2f} {self.unit}/s "
+            f"{done}/{self.total} ({pct:.0f}%) {rate} {self.unit}/s "
             f"ETA {format_duration(figures['eta'])}"
         )
 

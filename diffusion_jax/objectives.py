@@ -11,8 +11,10 @@
 Everything else (the step, the loop, evaluation) receives an `Objective` and calls its
 functions; none of it asks which objective it has.
 
-`picture` and `scores` receive the run they belong to (`run.RunSetup`, handed down by the
-caller): its config, mesh, model and the compiled functions it caches.
+`picture` and `scores` are handed the run they belong to (`run.RunSetup`) by their caller,
+the way big_vision's trainer hands its evaluators a predict function: from it they take the
+config, the mesh and the functions compiled above this layer (the run's sampler, its
+reconstruction). This module imports nothing above its layer.
 """
 
 from __future__ import annotations
@@ -68,13 +70,13 @@ class Objective(NamedTuple):
 class DiffusionSettings:
     """What the diffusion loss and its inputs need from a config (documented in config.py)."""
 
-    prediction: str = "eps"
-    variance: str = "fixed_large"
-    loss_type: str = "mse"
-    loss_weighting: str = "none"
-    min_snr_gamma: float = 5.0
-    num_classes: int = 0  # > 0: class-conditional, with the null label `num_classes`
-    cond_drop_prob: float = 0.0
+    prediction: str
+    variance: str
+    loss_type: str
+    loss_weighting: str
+    min_snr_gamma: float
+    num_classes: int  # > 0: class-conditional, with the null label `num_classes`
+    cond_drop_prob: float
 
     @classmethod
     def from_config(cls, config) -> DiffusionSettings:
@@ -171,6 +173,7 @@ def sample_scores(run, params, key, score_samples) -> dict:
     result = {
         "sampler": s.sampler,
         "sampling_steps": s.num_steps,
+        "nfe": dm.nfe(s.sampler, s.num_steps, s.timesteps),
         "eta": s.eta,
         "guidance_scale": s.guidance_scale,
         "seed": run.config.training.seed,
@@ -184,10 +187,12 @@ def sample_scores(run, params, key, score_samples) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderSettings:
-    kl_weight: float = 1e-6
-    reconstruction: str = "l1"
-    latent_channels: int = 4
-    downsampling: int = 8  # image size / latent size
+    """What the autoencoder loss and its inputs need from a config (documented in config.py)."""
+
+    kl_weight: float
+    reconstruction: str
+    latent_channels: int
+    downsampling: int  # image size / latent size
 
     @classmethod
     def from_config(cls, config) -> AutoencoderSettings:

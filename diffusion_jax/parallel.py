@@ -130,6 +130,16 @@ def state_shardings(mesh: Mesh, abstract_state, abstract_params, logical_axes=No
     )
 
 
+def enable_compilation_cache() -> None:
+    """Repeated runs reuse compiled programs: JAX's persistent cache, in
+    $JAX_COMPILATION_CACHE_DIR or ~/.cache/diffusion_jax/xla."""
+    if not jax.config.jax_compilation_cache_dir:
+        path = os.path.expanduser("~/.cache/diffusion_jax/xla")
+        jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
     """Starts `jax.distributed` when this is one process of several.
 

@@ -174,7 +174,12 @@ def setup_run(config, init_key, devices=None) -> RunSetup:
 def restore_ema(config, workdir, step: int | None, run: RunSetup | None = None):
     """(step, EMA params placed for this run's mesh, run) from the checkpoint of `step` (None:
     the newest) or from eval.params_file (an exported single file, step 0); `run` is set up
-    when not given."""
+    when not given.
+
+    Unless eval.checkpoint_step asked for `step` by name, an unreadable checkpoint is moved
+    aside and the newest readable one not after it is used instead (else the next one after
+    it), so that eval and sample work on a workdir whose newest checkpoint is corrupt.
+    """
     if run is None:
         run = setup_run(config, run_keys(config)[0])
     if config.eval.params_file:
@@ -195,7 +200,19 @@ def restore_ema(config, workdir, step: int | None, run: RunSetup | None = None):
             f"config.eval.checkpoint_step: no checkpoint {step} in {manager.directory} "
             f"(have {sorted(available)})"
         )
-    params = checkpointing.restore_ema(manager, step, run.abstract_state.ema_params)
+    advice = None
+    if config.eval.checkpoint_step >= 0:  # asked for by name: that one or an error
+        candidates = [step]
+        advice = f"choose another config.eval.checkpoint_step (have {sorted(available)})"
+    else:
+        candidates = sorted((s for s in available if s <= step), reverse=True)
+        candidates += sorted(s for s in available if s > step)
+    step, params = checkpointing.first_readable(
+        manager,
+        candidates,
+        lambda s: checkpointing.restore_ema(manager, s, run.abstract_state.ema_params),
+        advice,
+    )
     return step, params, run
 
 

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import diffusion as dm
 from diffusion_jax import metrics_io, parallel, sampling
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert, create_autoencoder, create_unet
@@ -194,6 +195,7 @@ def text_to_image(config, workdir) -> Path:
             "negative_prompt": s.negative_prompt,
             "sampler": s.sampler,
             "num_steps": s.num_steps,
+            "nfe": dm.nfe(s.sampler, s.num_steps, s.timesteps),
             "guidance_scale": s.guidance_scale,
             "seed": config.training.seed,
             "pretrained": config.pretrained,

@@ -73,6 +73,9 @@ def make_sample_fn(
             labels=cond,
             guidance_scale=guidance if cond is not None else None,
             return_x0_at=return_x0_at,
+            unipc_variant=s.unipc_variant,
+            s_churn=s.s_churn,
+            s_noise=s.s_noise,
         )
         if decode_fn is None:
             return out

@@ -1,6 +1,7 @@
 """Checkpoints that lose nothing: kill and resume, SIGTERM, other topologies, bad files,
 EMA-only restore and export."""
 
+import json
 import os
 import shutil
 import signal
@@ -81,6 +82,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     for key in ("params", "ema_params", "opt_state"):
         for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key]), strict=True):
             np.testing.assert_array_equal(x, y)
+    # The rows the killed run logged past its last checkpoint were dropped, then logged again.
+    assert logged_losses(killed) == logged_losses(straight)
+    assert [s for s, _ in logged_losses(killed)] == [5, 10, 15, 20]
+
+
+def logged_losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

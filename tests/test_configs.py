@@ -69,7 +69,7 @@ def test_unknown_config_arg_names_it():
     [
         ("diffusion.schedule", "quadratic", "config.diffusion.schedule"),
         ("data.image_size", 15, "config.data.image_size"),
-        ("sampling.sampler", "euler", "config.sampling.sampler"),
+        ("sampling.sampler", "lms", "config.sampling.sampler"),
         ("model.learn_sigma", True, "config.model.learn_sigma"),
         ("training.batch_size", 12, "config.training.batch_size"),
     ],

@@ -138,3 +138,18 @@ def test_outputs_match_diffusers(variant):
         {"params": params}, jnp.asarray(data["x"]), jnp.asarray(data["t"]), labels
     )
     np.testing.assert_allclose(out, data["out"], atol=1e-4)
+
+
+def test_the_convert_program_writes_the_folder_as_one_file(tmp_path, capsys):
+    from diffusion_jax import export
+    from diffusion_jax.tools import convert as convert_tool
+
+    assert convert_tool.main([]) == 2
+    assert "usage: python -m diffusion_jax.tools.convert" in capsys.readouterr().out
+    out = tmp_path / "ddpm.msgpack"
+    assert convert_tool.main([str(FIXTURES / "diffusers_unet_ddpm"), str(out)]) == 0
+    params, config = export.load_params(out)
+    expected, expected_config = from_diffusers(FIXTURES / "diffusers_unet_ddpm")
+    assert json.loads(config.to_json()) == json.loads(expected_config.to_json())
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -2,6 +2,7 @@
 accumulation, single compilation, EMA, warm-up and non-finite handling."""
 
 import functools
+import json
 
 import chex
 import jax
@@ -134,6 +135,9 @@ def test_step_compiles_once():
             objective=run.objective,
             optimizer=run.optimizer,
             lr_schedule=run.lr_schedule,
+            grad_accum=config.training.grad_accum,
+            ema_decay=config.optim.ema_decay,
+            ema_warmup=config.optim.ema_warmup,
         ),
         donate_argnums=(0,),
     )
@@ -252,3 +256,5 @@ def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):
         loop.train_and_evaluate(config, tmp_path)
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert '"skipped_steps": 1' in rows[0] and '"skipped_steps": 2' in rows[1]
+    # Every line is JSON (no bare NaN): the non-finite loss is null.
+    assert [json.loads(row)["loss"] for row in rows] == [None, None]

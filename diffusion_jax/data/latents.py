@@ -3,7 +3,9 @@
 `--mode=encode` (`diffusion_jax.encode`) writes them: each process writes its own shards
 `<data.latents>/<split>-<process>-<shard>.npz` holding `latent` (N, h, w, c) float32, already
 multiplied by `autoencoder.scaling_factor`, `label` (N,), and `context` (N, M, D) when the
-data carry text embeddings; `<split>-meta.json` records the shape and the autoencoder.
+data carry text embeddings; `<split>-meta.json` records the shape and the autoencoder
+(its path and the sha256 of its weights, so that latents of another autoencoder are
+noticed).
 Several hosts need `data.latents` on a file system they all see (as checkpoints do).
 
 This module knows the format only: nothing here loads or runs the autoencoder.
@@ -49,6 +51,16 @@ def write_shard(path, arrays: dict[str, np.ndarray]) -> None:
 
 def write_meta(folder, split: str, meta: dict) -> None:
     meta_path(folder, split).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(folder, split: str) -> dict:
+    return json.loads(meta_path(folder, split).read_text())
+
+
+def remove_split(folder, split: str) -> None:
+    """Deletes the shards and the meta file of `split` (before encoding it again)."""
+    for path in Path(folder).glob(f"{split}-*"):
+        path.unlink()
 
 
 def latents_exist(config, split: str) -> bool:

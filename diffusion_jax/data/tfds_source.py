@@ -6,8 +6,10 @@ prepares it, unless `data.download=True`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 from collections.abc import Iterator
 
 import jax
@@ -16,11 +18,29 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Silences what native code writes to stderr: TensorFlow's C++ start-up lines
+    ("oneDNN custom operations are on", "All log messages before absl::InitializeLog()")
+    ignore TF_CPP_MIN_LOG_LEVEL. Python exceptions are unaffected."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @functools.cache
 def _tf():
     """TensorFlow, hidden from the accelerators JAX uses. Cached: the visible devices can be
     set only before TensorFlow initialises, so only the first call may set them."""
-    import tensorflow as tf
+    with _native_stderr_silenced():
+        import tensorflow as tf
+        import tensorflow_datasets  # noqa: F401 - imported here for the same silence
 
     for kind in ("GPU", "TPU"):
         if tf.config.list_physical_devices(kind):
@@ -36,9 +56,26 @@ def prepare_command(name: str, data_dir: str) -> str:
 def not_prepared_error(name: str, data_dir: str) -> FileNotFoundError:
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
     return FileNotFoundError(
-        f"data set {name!r} is not prepared in data_dir={where!r}; prepare it with "
+        f"config.data.dataset: {name!r} is not prepared in data_dir={where!r}; prepare it with "
         f"`{prepare_command(name, data_dir)}` or set --config.data.download=True"
     )
+
+
+def check_prepared(name: str, data_dir: str) -> None:
+    """Raises `not_prepared_error` unless tfds finds the prepared files of `name` (and a
+    ConfigError-style FileNotFoundError for a name tfds does not know)."""
+    _tf()
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # noqa: BLE001 - tfds's DatasetNotFoundError and friends
+        raise FileNotFoundError(
+            f"config.data.dataset: {name!r} is not a tfds data set, 'digits', 'folder' or "
+            f"'synthetic' ({str(e).splitlines()[0][:120]})"
+        ) from e
+    if not builder.is_prepared():
+        raise not_prepared_error(name, data_dir)
 
 
 def preprocess(
@@ -75,9 +112,9 @@ def batches(
     order is a seeded shuffle, so the stream is deterministic and resuming at step s skips
     s batches of the same stream.
     """
+    tf = _tf()
     import tensorflow_datasets as tfds
 
-    tf = _tf()
     d = config.data
     per_host = global_batch // jax.process_count()
     read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16)

@@ -1,1 +1,2 @@
-"""Sampling and evaluation."""
+"""Evaluation: Inception, the digits classifier, metrics, reference statistics and the
+--mode=eval job."""

@@ -8,6 +8,7 @@ precision/recall, bits/dim), or an autoencoder's held-out reconstructions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,8 +26,8 @@ from diffusion_jax.run import restore_ema, run_keys
 
 log = logging.getLogger(__name__)
 
-METRICS = ("digits_fd", "bpd", "fid", "is", "precision", "recall", "reconstruction")
-INCEPTION_METRICS = ("fid", "is", "precision", "recall")
+METRICS = config_lib.EVAL_METRICS
+INCEPTION_METRICS = config_lib.INCEPTION_METRICS
 
 
 def eval_dir(workdir) -> Path:
@@ -132,7 +133,7 @@ def bits_per_dim(config, run, params, key) -> float:
     return float(np.concatenate(values).mean())
 
 
-def sample_scores(config, run, images_uint8, params, key) -> dict:
+def metric_scores(config, run, images_uint8, params, key) -> dict:
     """The eval.metrics of generated images (uint8 (N, H, W, C)); bits/dim, a bound on the
     held-out data, takes the parameters instead of the images."""
     e = config.eval
@@ -161,17 +162,51 @@ def evaluate_step(config, step, params, run) -> dict:
     key = jax.random.fold_in(sample_key, 1_000_000 + step)
 
     def score_samples(images_uint8, params, key):
-        return sample_scores(config, run, images_uint8, params, key)
+        return metric_scores(config, run, images_uint8, params, key)
 
     scores = run.objective.scores(run, params, key, score_samples)
     return {"step": step, "num_samples": config.eval.num_samples, **scores}
 
 
+def settings_key(config) -> str:
+    """A short hash of everything that decides an evaluation's numbers besides the weights:
+    the sampling and eval sections (but eval.checkpoint_step) and the seed. Results are
+    keyed by it, so new settings give a new result instead of "already done"."""
+    e = config.eval.to_dict()
+    e.pop("checkpoint_step", None)
+    fields = {"sampling": config.sampling.to_dict(), "eval": e, "seed": config.training.seed}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def existing_result(workdir, step: int, key: str) -> Path | None:
+    """The result file of `step` made with the settings `key`, if there is one."""
+    folder = eval_dir(workdir)
+    for path in [folder / f"step_{step}.json", *sorted(folder.glob(f"step_{step}-*.json"))]:
+        try:
+            if json.loads(path.read_text()).get("settings") == key:
+                return path
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def result_path(workdir, step: int, key: str) -> Path:
+    """eval/step_<step>.json, or eval/step_<step>-<key>.json when that holds a result of
+    other settings."""
+    plain = eval_dir(workdir) / f"step_{step}.json"
+    if not plain.exists() or existing_result(workdir, step, key) == plain:
+        return plain
+    return eval_dir(workdir) / f"step_{step}-{key}.json"
+
+
 def evaluate_and_write(config, workdir, step, params, run) -> dict:
-    """Scores `params` (the EMA weights of `step`) and writes eval/step_<step>.json."""
-    result = evaluate_step(config, step, params, run)
+    """Scores `params` (the EMA weights of `step`) and writes eval/step_<step>.json (or
+    step_<step>-<settings>.json beside a result of other settings)."""
+    key = settings_key(config)
+    result = {**evaluate_step(config, step, params, run), "settings": key}
     if parallel.is_main_process():
-        path = eval_dir(workdir) / f"step_{step}.json"
+        path = result_path(workdir, step, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         scores = {
@@ -184,18 +219,39 @@ def evaluate_and_write(config, workdir, step, params, run) -> dict:
 
 
 def evaluate(config, workdir, steps=None) -> list[dict]:
-    """Scores each checkpoint that has no eval/step_<N>.json yet, or eval.checkpoint_step,
-    or the given steps."""
+    """Scores each checkpoint that has no result with these settings yet, or
+    eval.checkpoint_step, or the given steps; says in the log what it scored."""
     config_lib.validate(config, jax.device_count())
     if steps is None and config.eval.checkpoint_step >= 0:
         steps = [config.eval.checkpoint_step]
     if steps is None:
         steps = checkpointing.make_manager(workdir, read_only=True).all_steps()
-    todo = [s for s in sorted(steps) if not (eval_dir(workdir) / f"step_{s}.json").exists()]
+    key = settings_key(config)
+    done = {s: existing_result(workdir, s, key) for s in sorted(steps)}
+    todo = [s for s, path in done.items() if path is None]
     if not todo:
-        log.info("eval: every checkpoint in %s already has a result", workdir)
+        names = ", ".join(str(p.relative_to(workdir)) for p in done.values() if p)
+        log.info(
+            "eval: nothing new to score in %s: step(s) %s already have results with these "
+            "settings (%s); other eval.* or sampling.* settings make a new result",
+            workdir,
+            sorted(done),
+            names,
+        )
     results, run = [], None  # one run setup (and compiled sampler) for every checkpoint
-    for step in todo:
-        step, params, run = restore_ema(config, workdir, step, run)
+    for asked in todo:
+        # A corrupt checkpoint is moved aside and an older one restored in its place.
+        step, params, run = restore_ema(config, workdir, asked, run)
+        if step != asked and (
+            step in {r["step"] for r in results} or existing_result(workdir, step, key)
+        ):
+            log.info(
+                "eval: checkpoint %d could not be read; %d, restored instead, is already scored",
+                asked,
+                step,
+            )
+            continue
         results.append(evaluate_and_write(config, workdir, step, params, run))
+    if todo:
+        log.info("eval: scored step(s) %s of %s", [r["step"] for r in results], workdir)
     return results

@@ -306,3 +306,7 @@ def fid_features_and_logits(params, images_uint8, batch_size: int = 200, mesh=No
 def fid_features(params, images_uint8, batch_size: int = 200, mesh=None) -> np.ndarray:
     """pool3 features (N, 2048) float32 of uint8 images (N, H, W, C)."""
     return fid_features_and_logits(params, images_uint8, batch_size, mesh)[0]
+
+
+if __name__ == "__main__":  # the program moved; say where instead of doing nothing
+    raise SystemExit("moved: python -m diffusion_jax.tools.inception_weights")

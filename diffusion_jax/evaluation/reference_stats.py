@@ -53,3 +53,7 @@ def compute(config, images_uint8: np.ndarray, out) -> None:
     mu, sigma = metrics.statistics(feats)
     metrics.save_stats(out, mu, sigma, features=feats[:10_000])
     log.info("wrote %s from %d images", out, len(images_uint8))
+
+
+if __name__ == "__main__":  # the program moved; say where instead of doing nothing
+    raise SystemExit("moved: python -m diffusion_jax.tools.reference_stats")

@@ -52,7 +52,9 @@ def create_unet(config) -> UNet:
 
 
 def create_model(config) -> UNet:
-    """The denoising network described by `config.model` (the U-Net)."""
+    """The denoising network described by `config.model` (the U-Net), whatever
+    training.objective says: the network of an autoencoder run is `create_autoencoder`, and
+    `objectives.for_config` picks between the two."""
     return create_unet(config)
 
 

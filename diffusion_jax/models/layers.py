@@ -1,7 +1,7 @@
 """U-Net building blocks: timestep embedding, residual blocks, attention, resampling.
 
 Submodule names follow diffusers' UNet2DModel (`resnets_0.conv1`, `attentions_0.to_q`, ...),
-so importing published weights is a renaming plus transposes (see `convert.py`).
+so importing published weights is a renaming plus transposes (see `convert/unet.py`).
 Activations are (B, H, W, C), NHWC.
 """
 

@@ -3,7 +3,7 @@
 tokens (B, L) int32 -> last hidden states (B, L, width) after the final layer norm: token +
 position embeddings, `num_layers` pre-norm blocks of causal self-attention and an MLP, then
 a layer norm. Names follow transformers' CLIPTextModel (`text_model.` dropped), so a
-published `text_encoder/` folder imports by renaming and transposing (`convert.py`).
+published `text_encoder/` folder imports by renaming and transposing (`convert/text_encoder.py`).
 """
 
 from __future__ import annotations

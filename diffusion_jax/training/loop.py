@@ -8,6 +8,7 @@ evaluations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -18,8 +19,8 @@ import jax
 
 from diffusion_jax import checkpointing, metrics_io, parallel
 from diffusion_jax import config as config_lib
-from diffusion_jax.data import latents, pipeline
-from diffusion_jax.encode import encode_dataset
+from diffusion_jax.data import pipeline
+from diffusion_jax.encode import ensure_latents
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
 from diffusion_jax.run import run_keys, setup_run
 from diffusion_jax.training import state as state_lib
@@ -32,6 +33,19 @@ STRUCTURAL_SECTIONS = ("model", "diffusion")
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class Stopped(Exception):
+    """The run stopped on SIGINT or SIGTERM (or a preemption notice) after writing a
+    checkpoint of `step`; the same command resumes. Raised, not returned, so that nothing
+    after training (main.py's end-of-training evaluation) runs on a machine going away."""
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(
+            f"stopped by {signal_name} at step {step} after saving a checkpoint; "
+            "the same command resumes"
+        )
+        self.signal_name, self.step = signal_name, step
 
 
 def check_resumable_config(config, workdir: Path) -> None:
@@ -100,31 +114,45 @@ def compile_and_plan_memory(run, state, train_key):
 
 
 class Preemption:
-    """When to checkpoint and stop because the job is being preempted.
+    """When to checkpoint and stop because the job is being preempted or interrupted.
 
-    One process: SIGTERM sets a flag, read at the next step. Several processes: JAX's
-    preemption service (started by jax.distributed) catches the notice on any host and
-    `reached_preemption_sync_point` answers True on every host at the same step, so all
-    of them save that step together.
+    One process: SIGTERM or SIGINT (Ctrl-C) sets a flag, read after the next step; the same
+    signal again aborts at once (its default action), for a save that takes too long.
+    Several processes: JAX's preemption service (started by jax.distributed) catches the
+    notice on any host and `reached_preemption_sync_point` answers True on every host at the
+    same step, so all of them save that step together.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signal_name = None  # set when the run should stop
+        self._previous = {}
         self._multi = jax.process_count() > 1
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def __enter__(self):
         if self._multi:
             return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                break
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint and stopping")
-        self.requested = True
+        name = signal.Signals(signum).name
+        log.warning(
+            "%s: saving a checkpoint and stopping (%s again aborts at once)",
+            name,
+            "Ctrl-C" if signum == signal.SIGINT else name,
+        )
+        self.signal_name = self.signal_name or name
+        signal.signal(signum, signal.SIG_DFL)
 
     def check(self, step: int) -> bool:
         """True (on every process at once) when the run should checkpoint and stop."""
@@ -133,12 +161,12 @@ class Preemption:
 
             if multihost_utils.reached_preemption_sync_point(step):
                 log.warning("preemption notice: saving a checkpoint at step %d and stopping", step)
-                self.requested = True
+                self.signal_name = "SIGTERM"  # what the notice is, delivered by the service
         return self.requested
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def train_and_evaluate(config, workdir) -> state_lib.TrainState:
@@ -147,18 +175,17 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     On the way: metrics.jsonl + TensorBoard every log_every steps, an EMA sample grid
     samples/step_<N>.png every sample_every steps, a checkpoint every ckpt_every steps, and
     all three at the end. Returns the final state.
+
+    Raises `Stopped` after SIGINT or SIGTERM, once a checkpoint of the current step is
+    written, and `checkpointing.CheckpointError` (one line) when a checkpoint cannot be
+    written; the checkpoints before it are intact either way.
     """
     workdir = Path(workdir)
     t_cfg = config.training
     config_lib.validate(config, jax.device_count())
     check_resumable_config(config, workdir)
     if config_lib.is_latent(config):
-        config = latents.with_latents_dir(config, workdir)
-        if not latents.latents_exist(config, config.data.train_split):
-            log.info(
-                "latents: none in %s yet; encoding the training split once", config.data.latents
-            )
-            encode_dataset(config, workdir)
+        config = ensure_latents(config, workdir)
 
     # Mesh, model and the abstract sharded state.
     init_key, train_key, sample_key = run_keys(config)
@@ -186,18 +213,29 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
         global_batch=t_cfg.batch_size,
         start_step=start,
     )
-    writer = metrics_io.MetricWriter(workdir)
+    # One row per step in metrics.jsonl: the rows a killed run logged after `start` go.
+    writer = metrics_io.MetricWriter(workdir, resume_step=start)
+    saver = checkpointing.Saver(manager)
     config_json = config.to_json_best_effort()
     progress = metrics_io.Progress(t_cfg.num_steps, start, unit="steps")
 
     def save(step):
         meta = {"data_position": step, "step": step, "config": json.loads(config_json)}
-        checkpointing.save(manager, step, state, meta)
+        saver.save(step, state, meta)
 
-    def report(step, metrics, figures):
+    @contextlib.contextmanager
+    def off_the_clock():
+        """Work that is not training (pictures, checkpoints, evaluations): the steps queued
+        on the device before it count as training, its own time does not."""
+        jax.block_until_ready(state)
+        with progress.paused():
+            yield
+
+    def report(step, metrics):
         """Writes one logged step. Called one step late, so that fetching these scalars
         from the device overlaps the next step instead of stalling the loop."""
         scalars = jax.device_get(metrics)
+        figures = progress.update(step)  # the step is done: its time is known
         scalars.pop("skipped")
         consecutive = int(scalars.pop("consecutive_skips"))
         writer.write(
@@ -216,41 +254,59 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
             scalars["skipped_steps"],
         )
         if consecutive >= t_cfg.max_consecutive_nonfinite:
-            manager.wait_until_finished()
+            saver.wait()
             raise NonFiniteError(
                 f"{consecutive} consecutive steps had a non-finite loss or gradient (up to step "
                 f"{step}); the last checkpoint is intact. Lower optim.lr, check the data, or "
                 "raise training.max_consecutive_nonfinite"
             )
 
+    def due(step, every):
+        return bool(every) and step % every == 0
+
     step = start
-    pending = None  # (step, metrics, figures) of the last logged step, not yet fetched
+    pending = None  # (step, metrics) of the last logged step, not yet fetched
+    stopping = False
     with Preemption() as preemption:
         while step < t_cfg.num_steps:
             state, metrics = train_step(state, next(batches), train_key)
             step += 1
+            if step == start + 1:
+                # The first step warms up (allocations, the input pipeline's threads); the
+                # rate counts from its end.
+                jax.block_until_ready(metrics)
+                progress.begin(step)
             if pending is not None:
                 report(*pending)
                 pending = None
-            preemption.check(step)
+            saver.poll()
+            stopping = preemption.check(step)
             last = step == t_cfg.num_steps
-            if step % t_cfg.log_every == 0 or last or preemption.requested:
-                pending = (step, metrics, progress.update(step))
-            if step % t_cfg.sample_every == 0 or last:
-                key = jax.random.fold_in(sample_key, step)
-                run.objective.picture(run, state.ema_params, key, workdir, step)
-            if step % t_cfg.ckpt_every == 0 or last or preemption.requested:
-                save(step)
-            if t_cfg.eval_every and step % t_cfg.eval_every == 0:
-                evaluate_and_write(config, workdir, step, state.ema_params, run)
-            if preemption.requested:
-                log.warning("stopped at step %d after SIGTERM; the same command resumes", step)
+            if due(step, t_cfg.log_every) or last or stopping:
+                pending = (step, metrics)
+            if stopping:  # no picture or evaluation: a preempted machine has no time for them
                 break
+            picture = due(step, t_cfg.sample_every) or last
+            checkpoint = due(step, t_cfg.ckpt_every) or last
+            evaluation = due(step, t_cfg.eval_every)
+            if picture or checkpoint or evaluation:
+                with off_the_clock():
+                    if picture:
+                        key = jax.random.fold_in(sample_key, step)
+                        run.objective.picture(run, state.ema_params, key, workdir, step)
+                    if checkpoint:
+                        save(step)
+                    if evaluation:
+                        evaluate_and_write(config, workdir, step, state.ema_params, run)
         if pending is not None:
             report(*pending)
-    t0 = time.perf_counter()
-    manager.wait_until_finished()
-    manager.close()
+        if stopping:
+            save(step)
+        # Still inside: a second signal while the last save is written aborts at once.
+        t0 = time.perf_counter()
+        saver.close()
     writer.close()
     log.info("checkpoints written (waited %.1fs)", time.perf_counter() - t0)
+    if preemption.requested:
+        raise Stopped(preemption.signal_name, step)
     return state

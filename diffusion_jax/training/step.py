@@ -66,9 +66,9 @@ def train_step(
     objective,
     optimizer,
     lr_schedule,
-    grad_accum: int = 1,
-    ema_decay: float = 0.9999,
-    ema_warmup: bool = False,
+    grad_accum: int,
+    ema_decay: float,
+    ema_warmup: bool,
 ):
     """One update: loss, gradient (accumulated), clipping + Adam, EMA; skipped if not finite.
 
