@@ -8,7 +8,8 @@
 Exit statuses: 0 done (also after SIGTERM, having saved); 1 a fault while running (a
 checkpoint that cannot be written, a run of non-finite steps); 2 bad input, one line
 `error: <field or path>: what is wrong; what to do` before anything compiles or is written;
-130 stopped by Ctrl-C after saving. DIFFUSION_JAX_TRACEBACK=1 adds the traceback to errors.
+130 stopped by Ctrl-C after saving; 143 SIGTERM outside training (compiling, evaluating,
+sampling). DIFFUSION_JAX_TRACEBACK=1 adds the traceback to errors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -30,7 +32,7 @@ from diffusion_jax import cli_args  # noqa: E402
 from diffusion_jax.config import ConfigError  # noqa: E402
 
 MODES = ("train", "eval", "sample", "export", "encode")
-EXIT_FAULT, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAULT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 TRACEBACK_ENV = "DIFFUSION_JAX_TRACEBACK"
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -77,7 +79,7 @@ examples:
 
 Every config field can be overridden (see configs/ and diffusion_jax/config.py). Exit
 statuses: 0 done, 1 a fault while running, 2 bad input (one `error:` line), 130 Ctrl-C after
-saving; {env}=1 shows tracebacks. All of absl's flags: --helpfull.
+saving, 143 SIGTERM outside training; {env}=1 shows tracebacks. All of absl's flags: --helpfull.
 """
 
 
@@ -93,12 +95,15 @@ def help_text() -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every mistake turned into one `cli_args.UsageError` line."""
     spec = cli_args.config_argument(argv[1:])
+    names = list(FLAGS)
     if spec is not None:
-        cli_args.check_overrides(argv[1:], cli_args.check_config_argument(spec))
+        config = cli_args.check_config_argument(spec)
+        cli_args.check_overrides(argv[1:], config)
+        names += [f"config.{name}" for name in cli_args.leaf_fields(config)]
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
-        raise cli_args.UsageError(cli_args.describe_flag_error(e, FLAGS)) from e
+        raise cli_args.UsageError(cli_args.describe_flag_error(e, names)) from e
     if len(rest) > 1:
         raise cli_args.UsageError(
             f"{rest[1]}: unexpected argument; flags take the form --name=value"
@@ -115,8 +120,17 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
 
 
+class Terminated(Exception):
+    """SIGTERM outside the training loop (which saves a checkpoint and stops on its own)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated("stopped by SIGTERM; nothing was being trained, so nothing needed saving")
+
+
 def main(argv) -> None:
     del argv  # parse_flags refuses positional arguments
+    signal.signal(signal.SIGTERM, _terminate)
     quiet_libraries()
     from diffusion_jax import parallel, preflight
 
@@ -161,6 +175,8 @@ def exit_status(error: BaseException) -> int | None:
         return EXIT_BAD_INPUT
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    if isinstance(error, Terminated):
+        return EXIT_TERMINATED
     from diffusion_jax.checkpointing import CheckpointError
     from diffusion_jax.training.loop import NonFiniteError, Stopped
 

@@ -58,6 +58,13 @@ def check(config, workdir, mode: str) -> None:
         config.eval.params_file or (mode == "sample" and config.pretrained)
     ):
         check_has_checkpoint(config, workdir)
+    if mode != "encode" and not config.eval.params_file and not config.pretrained:
+        # The checkpoints of the workdir were trained with its config.json: a model or
+        # diffusion setting that differs would restore them into the wrong model or score
+        # them with the wrong process.
+        from diffusion_jax.training.loop import check_resumable_config
+
+        check_resumable_config(config, workdir)
 
 
 def checkpoint_bytes(config) -> int:

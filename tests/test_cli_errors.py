@@ -248,12 +248,37 @@ def test_help_lists_the_flags_modes_and_examples():
 
 def test_the_readme_table_of_exit_statuses_is_the_programs():
     """The statuses README.md's "When things go wrong" promises are main.py's, and each one
-    is asserted by a test (2 here; 1, 130 and 0 after SIGTERM in test_faults.py)."""
+    is asserted by a test (2 and 143 here; 1, 130 and 0 after SIGTERM in test_faults.py)."""
     from diffusion_jax import main
 
     text = (ROOT / "README.md").read_text()
     section = text.split("### When things go wrong", 1)[1].split("\n#", 1)[0]
     statuses = {int(s) for s in re.findall(r"^\| (\d+) \|", section, re.MULTILINE)}
-    assert statuses == {0, main.EXIT_FAULT, main.EXIT_BAD_INPUT, main.EXIT_INTERRUPTED}
+    assert statuses == {
+        0,
+        main.EXIT_FAULT,
+        main.EXIT_BAD_INPUT,
+        main.EXIT_INTERRUPTED,
+        main.EXIT_TERMINATED,
+    }
     assert "`error: <field or path>: what is wrong; what to do`" in section
     assert main.TRACEBACK_ENV in section
+
+
+def test_eval_and_sample_refuse_a_model_other_than_the_workdirs(tmp_path, monkeypatch):
+    """The checkpoints of a workdir were trained with its config.json: scoring them with
+    another schedule or model would restore or sample the wrong thing."""
+    from test_configs import load_config
+
+    from diffusion_jax import preflight
+    from diffusion_jax.config import ConfigError
+
+    trained = load_config("digits.py", "smoke")
+    (tmp_path / "config.json").write_text(trained.to_json_best_effort())
+    monkeypatch.setattr(preflight, "check_has_checkpoint", lambda config, workdir: None)
+    preflight.check(trained, tmp_path, "eval")  # the same settings pass
+    other = trained.copy_and_resolve_references()
+    other.diffusion.schedule = "linear"
+    for mode in ("eval", "sample", "export"):
+        with pytest.raises(ConfigError, match="config.diffusion.schedule: 'linear' differs"):
+            preflight.check(other, tmp_path, mode)
