@@ -36,7 +36,8 @@ def get_config(arg: str = ""):
 
     t = c.training
     t.batch_size = 64
-    # ~2.7 steps/s on 2 CPU cores: about 7.5 minutes, then ~1 minute of evaluation.
+    # 1.7-2.7 steps/s on 2 CPU cores (machines differ): 8-12 minutes, then ~1 minute of
+    # evaluation.
     t.num_steps = 1200
     t.log_every = 100
     t.ckpt_every = 400
