@@ -28,7 +28,7 @@ from typing import NoReturn
 import jax
 import orbax.checkpoint as ocp
 
-from diffusion_jax.config import ConfigError
+from diffusion_jax.config import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +213,7 @@ def failure_reason(error: BaseException) -> tuple[int | None, str]:
         if code:
             return int(code[1]), os.strerror(int(code[1]))
         e = e.__cause__ or e.__context__
-    return None, _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    # Tensorstore's errors go on with the whole spec of the array: the line before says it.
-    text = str(error).split(" See full TensorStore details")[0].strip()
-    lines = text.splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    return None, first_line(error, named=True, limit=200)
 
 
 def _advice(errno_: int | None) -> str:
@@ -392,7 +385,7 @@ def first_readable(manager: ocp.CheckpointManager, steps, read, advice: str | No
             advice = f"{others}, so none was moved aside: check that error, or move them away"
         raise CheckpointError(
             f"checkpoint {step}: could not read {Path(manager.directory) / str(step)}: "
-            f"{_first_line(error)}; {advice}"
+            f"{first_line(error, named=True, limit=200)}; {advice}"
         ) from error
     return None, None
 
@@ -412,7 +405,7 @@ def move_aside(manager: ocp.CheckpointManager, step: int, error: BaseException, 
         log.warning(
             "checkpoint %s is unreadable (%s); %s; using checkpoint %d",
             directory / str(step),
-            _first_line(error),
+            first_line(error, named=True, limit=200),
             where,
             instead,
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 import ml_collections
 from absl import flags
 
-from diffusion_jax.config import ConfigError
+from diffusion_jax.config import ConfigError, first_line
 
 
 class UsageError(ValueError):
@@ -67,15 +67,15 @@ def check_config_argument(spec: str) -> ml_collections.ConfigDict:
     try:
         exec(code, module.__dict__)  # noqa: S102 - the user's config file, as config_flags does
     except Exception as e:  # noqa: BLE001 - any failure is reported in one line
-        raise UsageError(f"{path}: loading it raised {type(e).__name__}: {_first_line(e)}") from e
+        raise UsageError(f"{path}: loading it raised {type(e).__name__}: {first_line(e)}") from e
     if not callable(getattr(module, "get_config", None)):
         raise UsageError(f"{path}: defines no get_config(arg); a config file returns its config")
     try:
         config = module.get_config(arg) if arg else module.get_config()
     except ConfigError as e:
-        raise UsageError(f"{where}: {_first_line(e)}") from e
+        raise UsageError(f"{where}: {first_line(e)}") from e
     except Exception as e:  # noqa: BLE001
-        raise UsageError(f"{where}: get_config raised {type(e).__name__}: {_first_line(e)}") from e
+        raise UsageError(f"{where}: get_config raised {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise UsageError(f"{path}: get_config returned {type(config).__name__}, not a ConfigDict")
     return config
@@ -146,7 +146,7 @@ def describe_flag_error(error: flags.Error, flag_names) -> str:
         close = difflib.get_close_matches(name, list(flag_names), n=1)
         hint = f"; did you mean --{close[0]}?" if close else "; see --help"
         return f"--{name}: no such flag{hint}"
-    text = _first_line(error)
+    text = first_line(error)
     required = re.match(r"flag --(\w+)=None: Flag --\w+ must have a value other than None", text)
     if required:
         example = {
@@ -155,10 +155,3 @@ def describe_flag_error(error: flags.Error, flag_names) -> str:
         }.get(required.group(1), "")
         return f"--{required.group(1)}: required{'; e.g. ' + example if example else ''}"
     return text.removeprefix("flag ")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    if isinstance(error, KeyError) and error.args:
-        text = str(error.args[0])
-    return text.splitlines()[0] if text else type(error).__name__

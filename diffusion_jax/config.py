@@ -200,6 +200,18 @@ class ConfigError(ValueError):
     """A config that cannot work; the message names the field and the fix, in one line."""
 
 
+def first_line(error: BaseException, *, named: bool = False, limit: int | None = None) -> str:
+    """An exception as one line: the first line of its message (a KeyError's key without
+    quotes, a TensorStore error without the array spec it appends), cut to `limit`
+    characters, after its type name when `named`; the type name when the message is empty."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = text.split(" See full TensorStore details")[0].strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    line = lines[0][:limit] if limit else lines[0]
+    return f"{type(error).__name__}: {line}" if named else line
+
+
 def _require(ok: bool, field: str, message: str):
     if not ok:
         raise ConfigError(f"config.{field}: {message}")

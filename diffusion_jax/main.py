@@ -29,7 +29,7 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import cli_args  # noqa: E402
-from diffusion_jax.config import ConfigError  # noqa: E402
+from diffusion_jax.config import ConfigError, first_line  # noqa: E402
 
 MODES = ("train", "eval", "sample", "export", "encode")
 EXIT_FAULT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
@@ -192,8 +192,7 @@ def exit_status(error: BaseException) -> int | None:
 def error_line(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "stopped by Ctrl-C"
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return first_line(error)
 
 
 def run() -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from diffusion_jax import checkpointing, export
 from diffusion_jax import config as config_lib
-from diffusion_jax.config import ConfigError
+from diffusion_jax.config import ConfigError, first_line
 from diffusion_jax.data import folder, pipeline
 from diffusion_jax.run import schedule_from_config
 
@@ -303,5 +303,4 @@ def _require_file(path, field: str) -> None:
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:120]}" if text else type(error).__name__
+    return first_line(error, named=True, limit=120)

@@ -579,24 +579,22 @@ def test_heun_returns_the_x0_of_every_evaluation():
     assert not np.allclose(traj[1], traj[2])
 
 
-def test_argument_errors():
+@pytest.mark.parametrize(
+    "sampler,option,message",
+    [
+        ("euler", {"spacing": "uniform"}, "sampling.spacing"),
+        ("unipc", {"unipc_variant": "bh3"}, "unipc_variant"),
+    ],
+)
+def test_argument_errors(sampler, option, message):
     sched = dm.make_schedule("linear", 50)
-    kw = dict(shape=(1, 2), num_steps=4)
-    with pytest.raises(ValueError, match="sampling.spacing"):
+    with pytest.raises(ValueError, match=message):
         dm.sample(
             gaussian_oracle(sched),
             sched,
             jax.random.key(0),
-            sampler="euler",
-            spacing="uniform",
-            **kw,
-        )
-    with pytest.raises(ValueError, match="unipc_variant"):
-        dm.sample(
-            gaussian_oracle(sched),
-            sched,
-            jax.random.key(0),
-            sampler="unipc",
-            unipc_variant="bh3",
-            **kw,
+            sampler=sampler,
+            shape=(1, 2),
+            num_steps=4,
+            **option,
         )

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from diffusion_jax.config import first_line
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -72,7 +74,7 @@ def check_prepared(name: str, data_dir: str) -> None:
     except Exception as e:  # noqa: BLE001 - tfds's DatasetNotFoundError and friends
         raise FileNotFoundError(
             f"config.data.dataset: {name!r} is not a tfds data set, 'digits', 'folder' or "
-            f"'synthetic' ({str(e).splitlines()[0][:120]})"
+            f"'synthetic' ({first_line(e, limit=120)})"
         ) from e
     if not builder.is_prepared():
         raise not_prepared_error(name, data_dir)
