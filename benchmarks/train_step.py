@@ -5,7 +5,7 @@ knob against the default in the same run. One JSON line per measurement.
     python benchmarks/train_step.py --config=configs/cifar10.py --batch=16 \
         --knobs=bfloat16,remat,einsum,grad_accum
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/train_step.py \
-        --config=configs/digits.py --batch=64 --knobs=fsdp
+        --config=configs/digits.py --batch=64 --knobs=fsdp,tensor
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ KNOBS = {
     "grad_accum": {"training.grad_accum": 2},
     "fsdp": {"mesh.data": -1, "mesh.fsdp": 2},
     "data_parallel": {"mesh.data": -1, "mesh.fsdp": 1},
+    "tensor": {"mesh.data": -1, "mesh.tensor": 2},
 }
 
 

@@ -6,12 +6,18 @@
 
 The folder is the pipeline as `save_pretrained` writes it (or as the Hub holds it):
 model_index.json, unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), text_encoder/
-(CLIPTextModel, model.safetensors), tokenizer/ (vocab.json, merges.txt) and scheduler/.
-Their config.json files replace this file's model, diffusion, autoencoder and text_encoder
-sections; the sampling section and training.seed are this file's. Writes
-samples/prompt_<N>.png, .npz (uint8 images) and .json (prompt and settings).
+(CLIPTextModel, model.safetensors), tokenizer/ (tokenizer.json, or vocab.json + merges.txt)
+and scheduler/. Their config.json files replace this file's model, diffusion, autoencoder
+and text_encoder sections; the sampling section and training.seed are this file's. The
+scheduler conventions this file leaves unset (spacing, steps_offset, final_sigmas_type,
+use_karras_sigmas, solver_order, lower_order_final, clip_denoised) follow the folder's
+scheduler/scheduler_config.json as diffusers' scheduler class for the chosen sampler reads
+it, so a prompt, seed latents and step count give diffusers' picture;
+--config.sampling.<field>=... overrides any of them. Writes samples/prompt_<N>.png, .npz
+(uint8 images) and .json (prompt and settings).
 
-Args: `dpm` samples with DPM-Solver++(2M) in 25 steps instead of DDIM in 50.
+Args: `dpm` samples with DPM-Solver++(2M) in 25 steps instead of DDIM in 50; `euler` with
+Euler in 30.
 """
 
 from diffusion_jax.config import base_config
@@ -19,7 +25,7 @@ from diffusion_jax.recipes import parse_arg
 
 
 def get_config(arg: str = ""):
-    options = parse_arg(arg, allowed=("dpm",))
+    options = parse_arg(arg, allowed=("dpm", "euler"))
     c = base_config()
     c.pretrained = "stable-diffusion-v1-5"
     # What the pipeline folder describes for v1.x; read from it at sampling time.
@@ -34,12 +40,13 @@ def get_config(arg: str = ""):
     )
 
     s = c.sampling
-    s.sampler, s.num_steps, s.spacing, s.eta = "ddim", 50, "", 0.0
+    s.sampler, s.num_steps, s.eta = "ddim", 50, 0.0
     s.guidance_scale = 7.5
-    s.clip_denoised = False
     s.num_samples, s.batch_size = 4, 4
     s.prompt = "a photograph of an astronaut riding a horse"
     s.negative_prompt = ""
     if "dpm" in options:
         s.sampler, s.num_steps = "dpm_solver++", 25
+    if "euler" in options:
+        s.sampler, s.num_steps = "euler", 30
     return c

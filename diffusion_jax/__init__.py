@@ -5,15 +5,17 @@ the layers below it (imports inside functions included), never in a circle;
 tests/test_layers.py checks both and names any import that breaks them.
 
 1. Math: `diffusion/` — pure functions of arrays: schedules, the forward process and the
-   eps/x0/v conversions, losses, samplers, likelihood. Imports nothing of the package.
+   eps/x0/v conversions, losses, samplers, likelihood, the power-function EMA profiles and
+   their post-hoc weights. Imports nothing of the package.
 2. Config: `config.py` — the base config every recipe starts from, its predicates and its
    validation; `recipes.py` — the helpers the files in configs/ call (smoke, DDPM and
    improved-DDPM setups). Import the math (for the names of schedules and samplers).
 3. Infrastructure: `parallel.py` (mesh, shardings, host <-> global arrays),
    `checkpointing.py` (orbax), `export.py` (single-file weights), `metrics_io.py` (metric
    writers, progress, image grids). Import the config.
-4. Parts: `models/` (U-Net, KL autoencoder, CLIP text encoder, layers, the prompt encoder;
-   `models/convert/`, importers of diffusers/transformers weights, one file per family) and
+4. Parts: `models/` (U-Net, DiT, KL autoencoder, CLIP text encoder, layers, the prompt
+   encoder; `models/convert/`, importers of diffusers/transformers weights, one file per
+   family, and the torch-free reader of `.pt` / `.pth` files they and Inception use) and
    `data/` (sources, the input pipeline, the latent shard format) know nothing of each
    other. Above them in this layer: `objectives.py` (diffusion | autoencoder: the model, its
    init inputs, batch shapes, step inputs, loss, picture and scores, chosen once),
@@ -27,7 +29,8 @@ tests/test_layers.py checks both and names any import that breaks them.
    statistics, and the eval job (`evaluation/evaluate.py`). Never imports `training/`:
    the run setup hands it what it needs.
 8. Jobs: `training/loop.py` (--mode=train), `sample.py` (--mode=sample, text-to-image
-   included), `encode.py` (--mode=encode), `export_ema.py` (--mode=export); `preflight.py`,
+   included), `encode.py` (--mode=encode), `export_ema.py` (--mode=export),
+   `posthoc_ema.py` (--mode=posthoc_ema: EMAs of any length from snapshots); `preflight.py`,
    everything a job needs checked before anything compiles or is written; `tools/`,
    command-line programs other than the main one (`python -m diffusion_jax.tools.<name>`),
    which nothing imports.

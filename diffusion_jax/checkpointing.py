@@ -42,13 +42,24 @@ class CheckpointError(OSError):
     the folder, the reason and what to do; the checkpoints before it are intact."""
 
 
-def checkpoint_dir(workdir) -> Path:
-    return Path(workdir).absolute() / "checkpoints"
+# Snapshots of the power-function EMAs (training.ema_snapshot_every), beside checkpoints/.
+EMA_SNAPSHOTS = "ema_snapshots"
+
+
+def checkpoint_dir(workdir, folder: str = "checkpoints") -> Path:
+    return Path(workdir).absolute() / folder
 
 
 def make_manager(
-    workdir, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False
+    workdir,
+    *,
+    max_to_keep: int | None = 3,
+    async_save: bool = True,
+    read_only: bool = False,
+    folder: str = "checkpoints",
 ) -> ocp.CheckpointManager:
+    """Orbax's manager of <workdir>/<folder>: numbered steps, each a "state" pytree and a
+    "meta" JSON item; `max_to_keep=None` keeps every step (the EMA snapshots)."""
     quiet_orbax()
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -60,7 +71,7 @@ def make_manager(
         )
     try:
         return ocp.CheckpointManager(
-            checkpoint_dir(workdir),
+            checkpoint_dir(workdir, folder),
             options=options,
             item_handlers={
                 "state": ocp.PyTreeCheckpointHandler(),
@@ -70,7 +81,7 @@ def make_manager(
     except OSError as e:  # creating the folder or clearing an old temporary one
         errno_, reason = failure_reason(e)
         raise CheckpointError(
-            f"checkpoints: could not write {checkpoint_dir(workdir)}: {reason}; "
+            f"{folder}: could not write {checkpoint_dir(workdir, folder)}: {reason}; "
             f"{_advice(errno_)}, then run the same command again"
         ) from e
 
@@ -141,7 +152,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, meta: dict, *, force=
         force=force,
     )
     if saved:
-        log.info("checkpoint: saving step %d to %s", step, manager.directory)
+        log.info("%s: saving step %d to %s", Path(manager.directory).name, step, manager.directory)
     return saved
 
 
@@ -316,17 +327,30 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
     """(state, meta) of `step`, each array placed with the sharding in `abstract_state` (a
     pytree of jax.ShapeDtypeStruct with .sharding), so any mesh can restore any checkpoint."""
     check_shapes(manager, step, abstract_state.params)
+    stored = manager.item_metadata(step)["state"]
+    item = abstract_state
+    num_profiles = len(abstract_state.power_emas)
+    stored_profiles = len(stored.get("power_emas") or ())
+    if stored_profiles != num_profiles:
+        raise ConfigError(
+            f"config.optim.ema_sigma_rels: checkpoint {step} tracks {stored_profiles} "
+            f"power-function EMA(s), this config {num_profiles}; resume with the run's "
+            "optim.ema_sigma_rels (its config.json) or use a new --workdir"
+        )
+    if "power_emas" not in stored:  # written before power-function EMAs existed
+        item = {k: v for k, v in vars(abstract_state).items() if k != "power_emas"}
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=abstract_state, restore_args=_restore_args(abstract_state)
-            ),
+            state=ocp.args.PyTreeRestore(item=item, restore_args=_restore_args(item)),
             meta=ocp.args.JsonRestore(),
         ),
     )
+    state = restored.state
+    if isinstance(state, dict):
+        state = abstract_state.replace(**state)
     log.info("checkpoint: restored step %d from %s", step, manager.directory)
-    return restored.state, restored.meta
+    return state, restored.meta
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
@@ -338,11 +362,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
     return (None, None, None) if step is None else (step, *restored)
 
 
-def restore_ema(manager: ocp.CheckpointManager, step: int, abstract_params):
+def restore_ema(manager: ocp.CheckpointManager, step: int, abstract_params, profile=None):
     """Only the EMA parameters of `step` (no optimizer state is read), placed like
-    `abstract_params`."""
+    `abstract_params`: the exponential EMA, or with `profile` = (index, count) the index-th of
+    the `count` power-function EMAs the state tracks."""
     check_shapes(manager, step, abstract_params)
-    item = {"ema_params": abstract_params}
+    if profile is None:
+        item = {"ema_params": abstract_params}
+    else:
+        item = {"power_emas": (abstract_params,) * profile[1]}
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -351,8 +379,31 @@ def restore_ema(manager: ocp.CheckpointManager, step: int, abstract_params):
             )
         ),
     )
-    log.info("checkpoint: restored the EMA parameters of step %d", step)
-    return restored.state["ema_params"]
+    if profile is None:
+        log.info("checkpoint: restored the EMA parameters of step %d", step)
+        return restored.state["ema_params"]
+    log.info("checkpoint: restored power-function EMA %d of step %d", profile[0], step)
+    return restored.state["power_emas"][profile[0]]
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """Only the "meta" JSON item of `step`."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def restore_tree(manager: ocp.CheckpointManager, step: int, abstract_tree):
+    """(tree, meta) of `step` of a manager whose "state" item is any pytree (the EMA
+    snapshots), each array placed with the sharding in `abstract_tree`."""
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=abstract_tree, restore_args=_restore_args(abstract_tree)
+            ),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    return restored.state, restored.meta
 
 
 def first_readable(manager: ocp.CheckpointManager, steps, read, advice: str | None = None):

@@ -8,9 +8,12 @@ diffusion_jax/recipes.py.
 
 from __future__ import annotations
 
-import ml_collections
+import math
 
-from diffusion_jax.diffusion import losses, process, samplers, schedules
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from diffusion_jax.diffusion import ema, losses, process, samplers, schedules
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.latents = ""
 
     c.model = m = ml_collections.ConfigDict()
+    # "unet": the U-Net below (ch ... linear_projection); "dit": the Diffusion Transformer of
+    # model.dit. learn_sigma, class_conditional, dropout, attention, remat and dtype apply
+    # to both; the DiT's label dropout is training.cond_drop_prob.
+    m.arch = "unet"
     m.ch = 32
     m.ch_mult = (1, 2)
     m.num_res_blocks = 1
@@ -59,6 +66,22 @@ def base_config() -> ml_collections.ConfigDict:
     m.context_length = 77  # tokens of a "text" context (precomputed embeddings in the data)
     m.transformer_depth = 1
     m.linear_projection = False  # Dense proj_in/out (SD v2) instead of 1x1 convs (SD v1)
+    # The DiT (Peebles & Xie 2023) when model.arch="dit": S/B/L/XL are (depth, hidden_size,
+    # num_heads) = (12, 384, 6), (12, 768, 12), (24, 1024, 16), (28, 1152, 16), patch 2/4/8
+    # (recipes.dit_model). Its label table has a null row when training.cond_drop_prob > 0.
+    m.dit = dt = ml_collections.ConfigDict()
+    dt.patch_size = 2  # must divide the model input size
+    dt.hidden_size = 384  # divisible by 4 (2-D sin-cos positions) and by num_heads
+    dt.depth = 12
+    dt.num_heads = 6
+    dt.mlp_ratio = 4.0
+    # True: a timestep-and-label embedder in every block (diffusers' DiTTransformer2DModel
+    # layout); False: one shared by all blocks (the original DiT).
+    dt.per_block_embedders = False
+    # Timestep features w_i = 10000^(-i / (128 - freq_shift)): 0 in the original DiT, 1 in
+    # diffusers' port (which its imported weights are evaluated with).
+    dt.freq_shift = 0.0
+    dt.mlp_norm_eps = 1e-6  # the MLP's LayerNorm (diffusers' port: 1e-5)
 
     # The KL autoencoder of latent diffusion: trained with training.objective="autoencoder";
     # a diffusion run with autoencoder.weights set works in its latent space.
@@ -116,6 +139,10 @@ def base_config() -> ml_collections.ConfigDict:
     o.grad_clip = 1.0  # global-norm clipping; <= 0 disables
     o.ema_decay = 0.9999
     o.ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step))
+    # Power-function EMA profiles (EDM2) tracked beside the exponential EMA, by their width
+    # relative to the training time, e.g. (0.05, 0.10); snapshots of them every
+    # training.ema_snapshot_every steps let --mode=posthoc_ema rebuild any other width.
+    o.ema_sigma_rels = ()
 
     c.training = t = ml_collections.ConfigDict()
     t.batch_size = 128  # global, over all devices and hosts
@@ -130,14 +157,38 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 0  # 0: no evaluation during training
     t.eval_at_end = False  # --mode=train also runs --mode=eval when it finishes
     t.max_to_keep = 3
+    # Snapshots of the optim.ema_sigma_rels profiles in <workdir>/ema_snapshots/, all kept;
+    # 0: none (--mode=posthoc_ema then has only the final profiles to combine).
+    t.ema_snapshot_every = 0
     t.allow_config_change = False
     t.objective = "diffusion"  # or "autoencoder" (trains config.autoencoder on data)
+    # Fine-tuning: a diffusers pipeline folder whose U-Net starts the run. Its config.json
+    # files replace the model, diffusion, autoencoder and text_encoder sections and the image
+    # size; its vae/ encodes the images and its text_encoder/ (frozen) the captions.
+    t.init_from = ""
 
     c.sampling = s = ml_collections.ConfigDict()
     s.sampler = "ddim"  # ddpm, ddim, dpm_solver++ (2M), dpm_solver++_sde, dpm_solver++_3m,
     # unipc, euler, heun (EDM, Karras sigmas)
     s.num_steps = 50  # network evaluations (NFE) for every sampler
-    s.spacing = ""  # "" uses the sampler's default spacing
+    # The scheduler conventions (`dm.sample`'s arguments of the same names). Each left at its
+    # "unset" value ("" or None) follows a pipeline folder's scheduler/scheduler_config.json
+    # (as diffusers' class for this sampler reads it; `convert.sampling_from_scheduler`),
+    # else the project's default (`resolved_sampling`); setting one overrides both.
+    # uniform, quadratic, trailing, leading or linspace; default: the sampler's.
+    s.spacing = ""
+    s.steps_offset = placeholder(int)  # added to "leading" timesteps; default 0
+    # After the last step: "zero" (the data, abar = 1) or "sigma_min" (the level of t = 0,
+    # diffusers' set_alpha_to_one=False for DDIM); default "zero".
+    s.final_sigmas_type = ""
+    # Karras sigmas (rho = 7) instead of a spacing; default True for euler/heun, else False.
+    s.use_karras_sigmas = placeholder(bool)
+    s.solver_order = placeholder(int)  # dpm_solver++: 1, 2 (2M, default) or 3 (3M)
+    # dpm_solver++ with < 15 steps: first order on the last step, at most 2 on the one before.
+    s.lower_order_final = placeholder(bool)
+    # "project" or "diffusers" (the per-scheduler habits of `samplers.Conventions`); default
+    # "diffusers" for a pipeline folder, else "project".
+    s.conventions = ""
     # Explicit descending timesteps, overriding num_steps and spacing; e.g. diffusers'
     # "leading" spacing of Stable Diffusion's scheduler (steps_offset=1) for 5 steps is
     # (801, 601, 401, 201, 1).
@@ -148,7 +199,9 @@ def base_config() -> ml_collections.ConfigDict:
     s.unipc_variant = "bh2"  # unipc: B(h) = e^h - 1 ("bh2") or h ("bh1")
     s.num_samples = 64
     s.guidance_scale = -1.0  # < 0: no guidance
-    s.clip_denoised = True
+    # Clip the x0 predictions to [-1, 1] (clip_sample); default True in pixel space, False
+    # for latents (and a folder's clip_sample).
+    s.clip_denoised = placeholder(bool)
     s.batch_size = 256
     s.prompt = ""  # text-conditioned models: the prompt of every sample
     s.negative_prompt = ""  # the unconditional side of guidance
@@ -161,15 +214,33 @@ def base_config() -> ml_collections.ConfigDict:
     e.inception_weights = ""
     e.bpd_num_examples = 256
     e.params_file = ""  # an exported .msgpack to evaluate instead of the workdir's checkpoints
+    # --mode=export writes "msgpack" (one file + its config) or "diffusers" (a pipeline folder
+    # of a run fine-tuned from training.init_from, that diffusers' from_pretrained loads).
+    e.export_format = "msgpack"
+    # > 0: eval, sample and export use the power-function EMA of this width that
+    # --mode=posthoc_ema rebuilt from the snapshots (or a tracked one of exactly this width).
+    e.ema_sigma_rel = 0.0
+    # --mode=posthoc_ema: rebuild and score each of these widths (the EMA-length curve).
+    e.ema_sigma_rels = ()
 
+    # The device mesh, outermost axis first; data x fsdp x tensor = the number of devices,
+    # and one axis may be -1: the devices the others leave. The batch is split over
+    # data x fsdp; parameters, EMA and Adam moments over fsdp (parallel.py).
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left after the other axes
     c.mesh.fsdp = 1
+    # > 1: attention heads and MLP hidden units split over this many devices (Megatron-style
+    # model parallelism), for models whose state does not fit even with fsdp; a divisor of
+    # the devices of one process, ideally of the heads (launch/README.md).
+    c.mesh.tensor = 1
     return c
 
 
 DTYPES = ("float32", "bfloat16")
+ARCHS = ("unet", "dit")
+MESH_AXES = ("data", "fsdp", "tensor")  # outermost first: tensor on the fastest links
 OBJECTIVES = ("diffusion", "autoencoder")
+EXPORT_FORMATS = ("msgpack", "diffusers")
 EVAL_METRICS = ("digits_fd", "bpd", "fid", "is", "precision", "recall", "reconstruction")
 INCEPTION_METRICS = ("fid", "is", "precision", "recall")  # need eval.inception_weights
 REFERENCE_METRICS = ("fid", "precision", "recall")  # need eval.reference_stats
@@ -250,11 +321,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "sampling.spacing",
         f"unknown {s.spacing!r}; choose one of {samplers.SPACINGS}",
     )
-    _require(
-        not s.spacing or s.sampler not in ("euler", "heun"),
-        "sampling.spacing",
-        f"{s.sampler} steps over Karras sigmas; leave sampling.spacing empty",
-    )
+    _validate_scheduler_fields(config)
     _require_choice(s.unipc_variant, ("bh1", "bh2"), "sampling.unipc_variant")
     _require(s.s_churn >= 0 and s.s_noise >= 0, "sampling.s_churn", "s_churn, s_noise >= 0")
     steps = list(s.timesteps)
@@ -275,6 +342,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "choose 'dot_product_attention' or 'einsum'",
     )
     _require_choice(t.objective, OBJECTIVES, "training.objective")
+    _require_choice(config.eval.export_format, EXPORT_FORMATS, "eval.export_format")
+    _require(
+        config.eval.export_format != "diffusers" or bool(t.init_from),
+        "eval.export_format",
+        "'diffusers' writes a pipeline folder of a run fine-tuned from training.init_from",
+    )
     _require_choice(m.context_source, ("class", "text"), "model.context_source")
     a = config.autoencoder
     if t.objective == "autoencoder" or is_latent(config):
@@ -307,21 +380,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "sampling.clip_denoised",
             "must be False for latent diffusion (latents are not in [-1, 1])",
         )
-    size, _ = model_input_shape(config)
-    downsamples = 2 ** (len(m.ch_mult) - 1)
-    _require(
-        size % downsamples == 0,
-        "data.image_size",
-        f"the model input size {size} is not divisible by 2^(len(model.ch_mult) - 1) = "
-        f"{downsamples}",
-    )
-    channels = {m.ch * k for k in m.ch_mult}
-    _require(
-        t.objective == "autoencoder" or all(c % m.norm_groups == 0 for c in channels),
-        "model.norm_groups",
-        f"{m.norm_groups} groups do not divide the channel counts {sorted(channels)} "
-        "(model.ch * model.ch_mult)",
-    )
+    _require_choice(m.arch, ARCHS, "model.arch")
+    if m.arch == "dit":
+        if t.objective == "diffusion":
+            _validate_dit(config)
+    else:
+        _validate_unet_shape(config)
     _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _require(m.downsample_padding in (0, 1), "model.downsample_padding", "must be 0 or 1")
     _require(
@@ -332,6 +396,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _require(o.optimizer in ("adam", "adamw"), "optim.optimizer", "choose 'adam' or 'adamw'")
     _require(o.decay in ("constant", "cosine"), "optim.decay", "choose 'constant' or 'cosine'")
     _require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    _validate_ema_profiles(config)
     _require(t.grad_accum >= 1, "training.grad_accum", "must be >= 1")
     _require(
         t.batch_size % t.grad_accum == 0,
@@ -342,14 +407,186 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _require(t[name] >= 1, f"training.{name}", "must be >= 1")
     _validate_ranges(config)
     if num_devices is not None:
-        sizes = mesh_shape(config, num_devices)
+        data, fsdp, _ = mesh_shape(config, num_devices)
         per_step = t.batch_size // t.grad_accum
         _require(
-            per_step % (sizes[0] * sizes[1]) == 0,
+            per_step % (data * fsdp) == 0,
             "training.batch_size",
-            f"the micro-batch {per_step} is not divisible by the {sizes[0] * sizes[1]} "
-            "devices of the mesh (mesh.data x mesh.fsdp)",
+            f"the micro-batch {per_step} is not divisible by the {data * fsdp} batch shards "
+            f"of the mesh (mesh.data x mesh.fsdp = {data} x {fsdp})",
         )
+
+
+def _validate_ema_profiles(config) -> None:
+    """Power-function EMA widths in (0, 1/sqrt(12)), distinct; snapshots need profiles."""
+    o, t, e = config.optim, config.training, config.eval
+    top = ema.MAX_SIGMA_REL
+    for field, values in (
+        ("optim.ema_sigma_rels", tuple(o.ema_sigma_rels)),
+        ("eval.ema_sigma_rels", tuple(e.ema_sigma_rels)),
+    ):
+        bad = [v for v in values if not 0.0 < v < top]
+        _require(not bad, field, f"{bad[0] if bad else ''} is not in (0, {top:.4f})")
+        _require(len(set(values)) == len(values), field, f"{values} repeats a width")
+    _require(
+        e.ema_sigma_rel == 0.0 or 0.0 < e.ema_sigma_rel < top,
+        "eval.ema_sigma_rel",
+        f"must be 0 (the exponential EMA) or in (0, {top:.4f}), not {e.ema_sigma_rel!r}",
+    )
+    _at_least(t.ema_snapshot_every, 0, "training.ema_snapshot_every")
+    _require(
+        not t.ema_snapshot_every or o.ema_sigma_rels,
+        "training.ema_snapshot_every",
+        "snapshots need power-function EMA profiles: set optim.ema_sigma_rels, e.g. (0.05, 0.1)",
+    )
+
+
+def _validate_unet_shape(config) -> None:
+    """The model input halves len(model.ch_mult) - 1 times; group norms divide the widths."""
+    m = config.model
+    size, _ = model_input_shape(config)
+    downsamples = 2 ** (len(m.ch_mult) - 1)
+    _require(
+        size % downsamples == 0,
+        "data.image_size",
+        f"the model input size {size} is not divisible by 2^(len(model.ch_mult) - 1) = "
+        f"{downsamples}",
+    )
+    channels = {m.ch * k for k in m.ch_mult}
+    autoencoder = config.training.objective == "autoencoder"
+    _require(
+        autoencoder or all(c % m.norm_groups == 0 for c in channels),
+        "model.norm_groups",
+        f"{m.norm_groups} groups do not divide the channel counts {sorted(channels)} "
+        "(model.ch * model.ch_mult)",
+    )
+
+
+def _validate_dit(config) -> None:
+    """Patches tile the model input; heads split the width; 2-D sin-cos needs width % 4 == 0;
+    no cross-attention; guidance needs the null label row (training.cond_drop_prob > 0)."""
+    m, dt = config.model, config.model.dit
+    size, _ = model_input_shape(config)
+    for field in ("patch_size", "hidden_size", "depth", "num_heads"):
+        _at_least(dt[field], 1, f"model.dit.{field}")
+    _require(dt.mlp_ratio > 0, "model.dit.mlp_ratio", f"must be > 0, not {dt.mlp_ratio!r}")
+    _require(
+        size % dt.patch_size == 0,
+        "model.dit.patch_size",
+        f"{dt.patch_size} does not divide the model input size {size}",
+    )
+    _require(
+        dt.hidden_size % 4 == 0 and dt.hidden_size % dt.num_heads == 0,
+        "model.dit.hidden_size",
+        f"{dt.hidden_size} must be divisible by 4 and by model.dit.num_heads={dt.num_heads}",
+    )
+    _require(dt.freq_shift in (0.0, 1.0), "model.dit.freq_shift", "must be 0 or 1")
+    _require(dt.mlp_norm_eps > 0, "model.dit.mlp_norm_eps", "must be > 0")
+    _require(m.context_dim == 0, "model.context_dim", "must be 0 for model.arch='dit'")
+    _require(
+        not (m.class_conditional and config.sampling.guidance_scale >= 0)
+        or config.training.cond_drop_prob > 0,
+        "training.cond_drop_prob",
+        "must be > 0 for guidance with model.arch='dit' (the null label's row)",
+    )
+
+
+def _validate_scheduler_fields(config) -> None:
+    """The scheduler conventions of config.sampling, each unset or valid; not both Karras
+    sigmas and a spacing under the project's conventions (diffusers' Euler takes the range of
+    its Karras sigmas from the spaced timesteps)."""
+    s = config.sampling
+    karras = s.use_karras_sigmas
+    if karras is None and not config.pretrained:
+        karras = s.sampler in samplers.KARRAS_SAMPLERS
+    diffusers = s.conventions == "diffusers" or (config.pretrained and not s.conventions)
+    _require(
+        not (s.spacing and karras) or diffusers,
+        "sampling.spacing",
+        f"{s.sampler} steps over Karras sigmas; leave sampling.spacing empty or set "
+        "sampling.use_karras_sigmas=False",
+    )
+    _require(
+        not karras or s.sampler in samplers.KARRAS_SAMPLERS or s.sampler.startswith("dpm_"),
+        "sampling.use_karras_sigmas",
+        f"{s.sampler} steps on timesteps; Karras sigmas are for euler, heun and dpm_solver++",
+    )
+    _require(s.steps_offset is None or s.steps_offset >= 0, "sampling.steps_offset", "must be >= 0")
+    _require(
+        s.final_sigmas_type in ("",) + samplers.FINAL_SIGMAS_TYPES,
+        "sampling.final_sigmas_type",
+        f"unknown {s.final_sigmas_type!r}; choose one of {samplers.FINAL_SIGMAS_TYPES}",
+    )
+    _require(
+        s.final_sigmas_type != "sigma_min" or s.sampler in samplers.FINITE_FINAL,
+        "sampling.final_sigmas_type",
+        f"{s.sampler} ends at the data; 'sigma_min' is for {samplers.FINITE_FINAL}",
+    )
+    orders = samplers.SOLVER_ORDERS.get(s.sampler, ())
+    _require(
+        s.solver_order is None or s.solver_order in orders,
+        "sampling.solver_order",
+        f"{s.solver_order} does not apply to {s.sampler}"
+        + (f"; choose one of {orders}" if orders else ""),
+    )
+    _require(
+        s.conventions in ("",) + samplers.CONVENTION_NAMES,
+        "sampling.conventions",
+        f"unknown {s.conventions!r}; choose one of {samplers.CONVENTION_NAMES}",
+    )
+
+
+# The project's defaults of the scheduler fields left unset (see base_config).
+SCHEDULER_DEFAULTS = {
+    "spacing": "",
+    "steps_offset": 0,
+    "final_sigmas_type": "zero",
+    "use_karras_sigmas": None,  # dm.sample's default: the sampler's
+    "solver_order": None,  # dm.sample's default: the sampler's
+    "lower_order_final": False,
+    "conventions": "project",
+}
+
+
+def resolved_sampling(config, implied: dict | None = None) -> ml_collections.ConfigDict:
+    """A copy of config.sampling whose unset scheduler fields ("" or None) take the value
+    `implied` gives (a pipeline folder's scheduler config, read by
+    `convert.sampling_from_scheduler`), else the project's default; set fields stay. The one
+    place where the defaults of base_config's "unset" fields are decided."""
+    implied = implied or {}
+    s = ml_collections.ConfigDict(config.sampling.to_dict())
+    defaults = dict(SCHEDULER_DEFAULTS, clip_denoised=not is_latent(config))
+    for key, default in defaults.items():
+        if s[key] is None or s[key] == "":
+            value = implied.get(key, default)
+            s[key] = "" if value is None and s[key] == "" else value
+    return s
+
+
+def sample_arguments(config, sampling=None) -> dict:
+    """The `dm.sample` keyword arguments of a sampling section (`resolved_sampling(config)`
+    when not given) and config.diffusion: the sampler and its settings, not the model,
+    labels, guidance or keys."""
+    s = sampling if sampling is not None else resolved_sampling(config)
+    return {
+        "sampler": s.sampler,
+        "num_steps": s.num_steps,
+        "spacing": s.spacing or None,
+        "timesteps": tuple(s.timesteps) or None,
+        "eta": s.eta,
+        "prediction": config.diffusion.prediction,
+        "variance": config.diffusion.variance,
+        "clip_denoised": bool(s.clip_denoised),
+        "unipc_variant": s.unipc_variant,
+        "s_churn": s.s_churn,
+        "s_noise": s.s_noise,
+        "steps_offset": s.steps_offset,
+        "final_sigmas_type": s.final_sigmas_type,
+        "karras_sigmas": s.use_karras_sigmas,
+        "solver_order": s.solver_order,
+        "lower_order_final": bool(s.lower_order_final),
+        "conventions": s.conventions,
+    }
 
 
 def _at_least(value, low, field: str):
@@ -406,7 +643,7 @@ def _validate_ranges(config) -> None:
         "model.ch_mult",
         f"must be one or more positive multipliers, not {tuple(m.ch_mult)}",
     )
-    if t.objective == "diffusion":
+    if t.objective == "diffusion" and m.arch == "unet":
         size, _ = model_input_shape(config)
         resolutions = tuple(size // 2**i for i in range(len(m.ch_mult)))
         missing = sorted(set(m.attn_resolutions) - set(resolutions))
@@ -424,22 +661,30 @@ def _validate_ranges(config) -> None:
     )
 
 
-def mesh_shape(config, num_devices: int) -> tuple[int, int]:
-    """(data, fsdp) sizes from config.mesh; a -1 takes all devices the other axis leaves."""
-    sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp}
+def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes from config.mesh; a -1 takes all devices the others leave."""
+    sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
-    _require(len(free) <= 1, "mesh", "only one of mesh.data, mesh.fsdp may be -1")
-    if free:
-        (fixed,) = set(sizes) - set(free)
-        _require(
-            sizes[fixed] >= 1 and num_devices % sizes[fixed] == 0,
-            f"mesh.{fixed}",
-            f"{sizes[fixed]} does not divide the {num_devices} devices",
-        )
-        sizes[free[0]] = num_devices // sizes[fixed]
     _require(
-        sizes["data"] * sizes["fsdp"] == num_devices,
+        len(free) <= 1,
         "mesh",
-        f"mesh.data x mesh.fsdp = {sizes['data']} x {sizes['fsdp']} != {num_devices} devices",
+        f"only one axis may be -1, not {' and '.join(f'mesh.{a}' for a in free)}",
     )
-    return sizes["data"], sizes["fsdp"]
+    for axis, size in sizes.items():
+        _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1, not {size!r}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        _require(
+            num_devices % fixed == 0,
+            f"mesh.{free[0]}",
+            f"-1 takes the devices the other axes leave, but their product {fixed} does not "
+            f"divide the {num_devices} devices",
+        )
+        sizes[free[0]] = num_devices // fixed
+    _require(
+        math.prod(sizes.values()) == num_devices,
+        "mesh",
+        "mesh.data x mesh.fsdp x mesh.tensor = "
+        f"{' x '.join(str(v) for v in sizes.values())} != {num_devices} devices",
+    )
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]

@@ -1,8 +1,12 @@
-"""--mode=export: the EMA weights of a checkpoint as one file to share.
+"""--mode=export: the EMA weights of a checkpoint to share.
 
-Writes <workdir>/export/ema_step_<N>.msgpack (the newest checkpoint, or
-eval.checkpoint_step) with the run config beside it (.json); `--mode=eval|sample` read such
-a file through eval.params_file.
+eval.export_format="msgpack" (default) writes <workdir>/export/ema_step_<N>.msgpack (the
+newest checkpoint, or eval.checkpoint_step) with the run config beside it (.json);
+`--mode=eval|sample` read such a file through eval.params_file. "diffusers" writes a run
+fine-tuned from a pipeline folder (training.init_from) back as a pipeline folder,
+<workdir>/export/diffusers_step_<N>/: the source folder with the EMA U-Net in unet/, which
+diffusers' StableDiffusionPipeline.from_pretrained loads and this package reads as
+config.pretrained or training.init_from.
 """
 
 from __future__ import annotations
@@ -14,15 +18,23 @@ import jax
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import export, parallel
+from diffusion_jax.models import convert
 from diffusion_jax.run import checkpoint_step_arg, restore_ema
 
 log = logging.getLogger(__name__)
 
 
 def export_ema(config, workdir) -> Path:
-    """Writes the file of the module doc and returns its path."""
+    """Writes the file or folder of the module doc and returns its path."""
     config_lib.validate(config, jax.device_count())
     step, params, _ = restore_ema(config, workdir, checkpoint_step_arg(config))
+    if config.eval.export_format == "diffusers":
+        path = Path(workdir) / "export" / f"diffusers_step_{step}"
+        host = jax.device_get(params)
+        if parallel.is_main_process():
+            convert.to_pipeline(host, path, config.training.init_from)
+            log.info("export: wrote the pipeline folder %s", path)
+        return path
     path = Path(workdir) / "export" / f"ema_step_{step}.msgpack"
     if parallel.is_main_process():
         export.save_params(path, params, config)

@@ -31,7 +31,7 @@ from ml_collections import config_flags  # noqa: E402
 from diffusion_jax import cli_args  # noqa: E402
 from diffusion_jax.config import ConfigError, first_line  # noqa: E402
 
-MODES = ("train", "eval", "sample", "export", "encode")
+MODES = ("train", "eval", "sample", "export", "encode", "posthoc_ema")
 EXIT_FAULT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 TRACEBACK_ENV = "DIFFUSION_JAX_TRACEBACK"
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -65,8 +65,11 @@ modes:
   eval    score every checkpoint without a result for these settings -> eval/step_<N>.json
   sample  sample grid, .npz and reverse process of the newest checkpoint (or a prompt's
           images from a pipeline folder, config.pretrained)
-  export  the EMA weights of a checkpoint as one .msgpack file (+ its config .json)
+  export  the EMA weights of a checkpoint as one .msgpack file (+ its config .json), or
+          as a diffusers pipeline folder (eval.export_format=diffusers, fine-tuning runs)
   encode  a latent run's data set through its autoencoder to latent shards
+  posthoc_ema  rebuild the EMA of width eval.ema_sigma_rel from the snapshots of the
+          power-function EMAs (EDM2) -> posthoc_ema/; eval.ema_sigma_rels scores a sweep
 
 flags:
 {flags}
@@ -141,6 +144,7 @@ def main(argv) -> None:
     if not parallel.is_main_process():  # one voice for the whole job
         logging.getLogger("diffusion_jax").setLevel(logging.WARNING)
     config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
+    config = preflight.run_config(config)  # a fine-tuning run: the pipeline folder's network
     preflight.check(config, workdir, mode)
     if mode == "train":
         from diffusion_jax.training.loop import train_and_evaluate
@@ -162,6 +166,10 @@ def main(argv) -> None:
         from diffusion_jax.encode import encode_dataset
 
         encode_dataset(config, workdir)
+    elif mode == "posthoc_ema":
+        from diffusion_jax.posthoc_ema import posthoc_ema
+
+        posthoc_ema(config, workdir)
     else:
         from diffusion_jax.export_ema import export_ema
 

@@ -1,5 +1,5 @@
 """What people look at: metrics as JSON lines and TensorBoard scalars, progress with it/s and
-ETA, and image grids as PNG. Only process 0 writes."""
+ETA, image grids and curves as PNG. Only process 0 writes."""
 
 from __future__ import annotations
 
@@ -186,16 +186,47 @@ def image_grid(images_uint8: np.ndarray, rows: int | None = None, pad: int = 1) 
     return grid
 
 
-def save_grid(path, images, rows: int | None = None, min_size: int = 256) -> None:
-    """Writes images in [-1, 1] as a PNG grid, upscaled (nearest) to at least `min_size`."""
+def save_grid(path, images, rows: int | None = None, min_size: int = 512) -> None:
+    """Writes images in [-1, 1] as a PNG grid, enlarged (nearest neighbour, by a whole
+    factor) to at least `min_size` pixels wide, so that small images can be read."""
     if jax.process_index() != 0:
         return
     grid = image_grid(to_uint8(images), rows)
-    scale = max(1, min_size // max(grid.shape[:2]))
+    scale = max(1, -(-min_size // grid.shape[1]))
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         image = image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+    log.info("wrote %s", path)
+
+
+def plot_curves(path, series: dict, *, xlabel: str, title: str = "", log_x: bool = False):
+    """A PNG of one line per entry of `series` ({label: [(x, y), ...]}), with markers; on a
+    log x axis when `log_x`. Only process 0 writes."""
+    if jax.process_index() != 0:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training machine
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for label, points in series.items():
+        if points:
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
     log.info("wrote %s", path)

@@ -1,10 +1,14 @@
 """The device mesh, the shardings of the state and the batch, and multi-host helpers.
 
-One `Mesh` with axes ('data', 'fsdp'): the batch is split over both, parameters (and with
-them the EMA and the optimizer moments) are split over 'fsdp' along the dimension their
-logical axis annotation names (or their largest divisible one), and replicated over 'data'.
-Batches move between the host and the mesh through `to_global` (process-local rows in),
-`local_rows` (this process's rows out) and `gather` (every row, on every process).
+One `Mesh` with axes ('data', 'fsdp', 'tensor'), 'tensor' innermost. The batch is split over
+'data' x 'fsdp' and replicated over 'tensor'. Parameters (and with them the EMA and the
+optimizer moments) follow logical-axis rules on the names their kernels are annotated with
+(models/layers.py): attention heads and MLP hidden units ("heads", "mlp") split over 'tensor'
+(Megatron-style model parallelism: each device computes its own heads and hidden units), and
+one other dimension over 'fsdp' ("embed", else "embed_out", "embed_in", else the largest that
+divides); a dimension the axis size does not divide stays whole on that axis. Batches move
+between the host and the mesh through `to_global` (process-local rows in), `local_rows` (this
+process's rows out) and `gather` (every row, on every process).
 """
 
 from __future__ import annotations
@@ -23,35 +27,52 @@ from diffusion_jax import config as config_lib
 
 log = logging.getLogger(__name__)
 
-DATA, FSDP = "data", "fsdp"
+DATA, FSDP, TENSOR = config_lib.MESH_AXES
 BATCH_AXES = (DATA, FSDP)
-# Logical axes of the model's kernels (models/layers.py) in order of preference for FSDP.
-FSDP_LOGICAL_AXES = ("embed_out", "embed_in")
-# Arrays smaller than this stay replicated: splitting them costs more than it saves.
+# The logical-axis rules: kernel dimensions named here go over 'tensor' ...
+TENSOR_LOGICAL_AXES = ("heads", "mlp")
+# ... and these, in order of preference, over 'fsdp'.
+FSDP_LOGICAL_AXES = ("embed", "embed_out", "embed_in")
+# Arrays smaller than this stay replicated over 'fsdp': splitting them costs more than it
+# saves. (The 'tensor' split is kept at any size, so that a block's layout is uniform.)
 MIN_FSDP_SIZE = 2**12
 
 
 def make_mesh(config, devices=None) -> Mesh:
-    """The ('data', 'fsdp') mesh of config.mesh over `devices` (default: all devices).
+    """The ('data', 'fsdp', 'tensor') mesh of config.mesh over `devices` (default: all).
 
-    `mesh_utils.create_device_mesh` orders devices so that 'fsdp', the inner axis, follows
-    the fastest interconnect on TPU slices and GPU nodes.
+    `mesh_utils.create_device_mesh` orders devices so that the inner axes, 'tensor' then
+    'fsdp', follow the fastest interconnect on TPU slices and GPU nodes. Raises ConfigError
+    when 'tensor' would span processes (each process must hold whole batch shards).
     """
     devices = jax.devices() if devices is None else devices
-    shape = config_lib.mesh_shape(config, len(devices))
+    data, fsdp, tensor = config_lib.mesh_shape(config, len(devices))
     num_slices = _num_granules(devices)
     try:
-        if num_slices > 1 and shape[0] % num_slices == 0:
+        if num_slices > 1 and data % num_slices == 0:
             # Several GPU nodes (or TPU slices): 'data' spans them over the slower network,
-            # 'fsdp' stays inside one, on NVLink / ICI.
+            # 'fsdp' and 'tensor' stay inside one, on NVLink / ICI.
             grid = mesh_utils.create_hybrid_device_mesh(
-                (shape[0] // num_slices, shape[1]), (num_slices, 1), devices
+                (data // num_slices, fsdp, tensor), (num_slices, 1, 1), devices
             )
         else:
-            grid = mesh_utils.create_device_mesh(shape, devices)
+            grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices)
     except (ValueError, AssertionError, NotImplementedError, AttributeError):
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, (DATA, FSDP))
+        grid = np.asarray(devices).reshape(data, fsdp, tensor)
+    _check_batch_shards_per_process(grid)
+    return Mesh(grid, config_lib.MESH_AXES)
+
+
+def _check_batch_shards_per_process(grid: np.ndarray) -> None:
+    """Each process feeds its own rows (`to_global`), so every batch shard, the devices along
+    'tensor' at one (data, fsdp) position, must belong to one process."""
+    owners = np.vectorize(lambda d: d.process_index)(grid)
+    if (owners != owners[..., :1]).any():
+        per_process = int((owners == owners.flat[0]).sum())
+        raise config_lib.ConfigError(
+            f"config.mesh.tensor: {grid.shape[-1]} devices along 'tensor' span several "
+            f"processes; use a divisor of the {per_process} devices of one process"
+        )
 
 
 def _num_granules(devices) -> int:
@@ -65,7 +86,7 @@ def _num_granules(devices) -> int:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over every device of the mesh."""
+    """Leading (batch) dimension split over 'data' x 'fsdp', replicated over 'tensor'."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
@@ -73,21 +94,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape, logical_axes, fsdp_size: int) -> P:
-    """Where one array goes: its preferred logical axis over 'fsdp' if divisible, else its
-    largest divisible dimension, else replicated."""
-    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_FSDP_SIZE:
-        return P()
-    candidates = []
-    if logical_axes:
-        candidates = [logical_axes.index(a) for a in FSDP_LOGICAL_AXES if a in logical_axes]
-    candidates += sorted(range(len(shape)), key=lambda i: -shape[i])
-    for dim in candidates:
-        if shape[dim] % fsdp_size == 0:
-            spec = [None] * len(shape)
-            spec[dim] = FSDP
-            return P(*spec)
-    return P()
+def param_spec(shape, logical_axes, fsdp_size: int, tensor_size: int = 1) -> P:
+    """Where one parameter goes under the logical-axis rules: its first dimension named in
+    TENSOR_LOGICAL_AXES over 'tensor' if the size divides it; then, for arrays of at least
+    MIN_FSDP_SIZE elements, its preferred FSDP_LOGICAL_AXES dimension over 'fsdp' if
+    divisible, else its largest divisible dimension; anything else replicated."""
+    spec = [None] * len(shape)
+    names = tuple(logical_axes) if logical_axes else (None,) * len(shape)
+    if tensor_size > 1:
+        for dim, name in enumerate(names):
+            if name in TENSOR_LOGICAL_AXES and shape[dim] % tensor_size == 0:
+                spec[dim] = TENSOR
+                break
+    if fsdp_size > 1 and int(np.prod(shape, dtype=np.int64)) >= MIN_FSDP_SIZE:
+        preferred = [names.index(a) for a in FSDP_LOGICAL_AXES if a in names]
+        by_size = sorted(range(len(shape)), key=lambda i: -shape[i])
+        for dim in preferred + by_size:
+            if spec[dim] is None and shape[dim] % fsdp_size == 0:
+                spec[dim] = FSDP
+                break
+    return P(*spec) if any(spec) else P()
 
 
 def logical_axes_tree(boxed_params):
@@ -103,11 +129,11 @@ def logical_axes_tree(boxed_params):
 
 def params_shardings(mesh: Mesh, abstract_params, logical_axes=None):
     """NamedShardings for a parameter pytree (also used for the EMA and Adam moments)."""
-    fsdp_size = mesh.shape[FSDP]
+    sizes = mesh.shape[FSDP], mesh.shape[TENSOR]
     if logical_axes is None:
         logical_axes = jax.tree.map(lambda _: None, abstract_params)
     return jax.tree.map(
-        lambda x, axes: NamedSharding(mesh, fsdp_spec(x.shape, axes, fsdp_size)),
+        lambda x, axes: NamedSharding(mesh, param_spec(x.shape, axes, *sizes)),
         abstract_params,
         logical_axes,
         is_leaf=lambda x: x is None,
@@ -167,6 +193,11 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def describe(mesh: Mesh) -> str:
+    """'data=2 x fsdp=2 x tensor=2'."""
+    return " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+
+
 def log_topology(mesh: Mesh, global_batch: int) -> None:
     log.info(
         "process %d/%d: %d local devices, %d global (%s); mesh %s; per-host batch %d",
@@ -175,7 +206,7 @@ def log_topology(mesh: Mesh, global_batch: int) -> None:
         jax.local_device_count(),
         jax.device_count(),
         jax.devices()[0].platform,
-        dict(mesh.shape),
+        describe(mesh),
         global_batch // jax.process_count(),
     )
 

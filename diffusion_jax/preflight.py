@@ -8,7 +8,8 @@ it as `error: ...` and exits with status 2. What it checks, in order:
    devices of this job;
 2. the workdir: a directory (or one that can be made), writable, with room for a checkpoint
    of this model (train and encode), or holding a checkpoint to read (eval, sample,
-   export);
+   export), EMA snapshots to rebuild from (posthoc_ema) and the rebuilt EMA that
+   eval.ema_sigma_rel names;
 3. the data (train, encode, and evaluation that reads held-out data): a tfds data set
    prepared, an image folder with images;
 4. the files the config names: eval.params_file, eval.inception_weights and
@@ -49,15 +50,24 @@ def check(config, workdir, mode: str) -> None:
     check_files(config)
     if mode in ("train", "encode"):
         check_data(config, config.data.train_split)
-    evaluates = mode == "eval" or (
-        mode == "train" and (config.training.eval_at_end or config.training.eval_every)
+    evaluates = (
+        mode == "eval"
+        or (mode == "train" and (config.training.eval_at_end or config.training.eval_every))
+        or (mode == "posthoc_ema" and config.eval.ema_sigma_rels)
     )
     if evaluates:
         check_eval_inputs(config)
-    if mode in ("eval", "sample", "export") and not (
+    if mode == "posthoc_ema":
+        check_posthoc(config, workdir)
+    elif mode in ("eval", "sample", "export") and not (
         config.eval.params_file or (mode == "sample" and config.pretrained)
     ):
         check_has_checkpoint(config, workdir)
+        width = config.eval.ema_sigma_rel
+        if width > 0 and width not in tuple(config.optim.ema_sigma_rels):
+            from diffusion_jax.run import checkpoint_step_arg, posthoc_steps
+
+            posthoc_steps(workdir, width, checkpoint_step_arg(config))
     if mode != "encode" and not config.eval.params_file and not config.pretrained:
         # The checkpoints of the workdir were trained with its config.json: a model or
         # diffusion setting that differs would restore them into the wrong model or score
@@ -75,7 +85,8 @@ def checkpoint_bytes(config) -> int:
     objective = objectives.for_config(config, schedule_from_config(config))
     shapes = abstract_params(objective.create_model(config), *objective.init_inputs(config))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-    return count * CHECKPOINT_BYTES_PER_PARAMETER
+    profiles = 4 * len(config.optim.ema_sigma_rels)  # the power-function EMAs, float32
+    return count * (CHECKPOINT_BYTES_PER_PARAMETER + profiles)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -193,6 +204,29 @@ def check_reference_stats(path: str) -> None:
         raise ConfigError(f"{field}={path}: not reference statistics ({_reason(e)})") from e
 
 
+def check_posthoc(config, workdir: Path) -> None:
+    """--mode=posthoc_ema: a width to rebuild, snapshots to rebuild it from, room to write."""
+    e = config.eval
+    if not (e.ema_sigma_rel > 0 or e.ema_sigma_rels):
+        raise ConfigError(
+            "config.eval.ema_sigma_rel: set the width to rebuild (e.g. 0.07), or a sweep in "
+            "config.eval.ema_sigma_rels"
+        )
+    where = checkpointing.checkpoint_dir(workdir, checkpointing.EMA_SNAPSHOTS)
+    manager = checkpointing.make_manager(
+        workdir, read_only=True, folder=checkpointing.EMA_SNAPSHOTS
+    )
+    steps = sorted(manager.all_steps()) if where.is_dir() else []
+    up_to = e.checkpoint_step
+    if not [s for s in steps if up_to < 0 or s <= up_to]:
+        upto = f" up to config.eval.checkpoint_step={up_to}" if up_to >= 0 and steps else ""
+        raise ConfigError(
+            f"{where}: no EMA snapshot{upto} to rebuild from; train with "
+            "optim.ema_sigma_rels and training.ema_snapshot_every > 0"
+        )
+    check_writable_workdir(workdir, 0)
+
+
 def check_has_checkpoint(config, workdir: Path) -> None:
     """A workdir with a checkpoint to read (and the one eval.checkpoint_step names)."""
     where = checkpointing.checkpoint_dir(workdir)
@@ -266,10 +300,25 @@ def check_text_encoder(path, field: str) -> None:
     _check_safetensors(root / "text_encoder" / "model.safetensors", field)
 
 
-def check_pipeline(path) -> None:
+def run_config(config):
+    """The config the job runs: for a run fine-tuned from a pipeline folder
+    (training.init_from), the folder's network over the config's run settings
+    (`convert.finetune_config`), the folder checked first; else `config` itself."""
+    source = config.training.init_from
+    if not source:
+        return config
+    from diffusion_jax.models.convert import finetune_config
+
+    check_pipeline(source, "config.training.init_from")
+    try:
+        return finetune_config(config)
+    except ValueError as e:
+        raise ConfigError(f"config.training.init_from={source}: {first_line(e)}") from e
+
+
+def check_pipeline(path, field: str = "config.pretrained") -> None:
     """A diffusers pipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     each weights file a readable safetensors file (its header; the tensors load later)."""
-    field = "config.pretrained"
     root = Path(path)
     if not (root / "model_index.json").exists():
         raise FileNotFoundError(

@@ -1,5 +1,6 @@
 """The helpers the recipes in configs/ are built from: the `--config=FILE:ARG` options, the
-`smoke` shrink to a CPU run of a few seconds, and the published DDPM and improved DDPM setups.
+`smoke` shrink to a CPU run of a few seconds, the published DDPM and improved DDPM setups,
+and DiT's model sizes.
 """
 
 from __future__ import annotations
@@ -7,6 +8,9 @@ from __future__ import annotations
 import ml_collections
 
 from diffusion_jax.config import ConfigError
+
+# DiT's published sizes (Peebles & Xie 2023, Table 1): name -> (depth, hidden size, heads).
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 
 def parse_arg(arg: str, allowed: tuple[str, ...]) -> set[str]:
@@ -27,6 +31,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.attn_resolutions = (c.data.image_size // 2,)
     m.head_channels = -1
     m.num_heads = 1
+    # A DiT (model.arch="dit") as small: 2 blocks of width 16 in 2 heads over 2x2 patches.
+    m.dit.update(patch_size=2, hidden_size=16, depth=2, num_heads=2)
     t = c.training
     t.batch_size, t.num_steps, t.grad_accum = 8, 2, 1
     t.log_every = t.ckpt_every = t.sample_every = 1
@@ -93,4 +99,23 @@ def improved_recipe(
     c.optim.lr, c.optim.warmup_steps = 1e-4, 0
     # Improved DDPM's learned variances keep FID with 100 respaced ancestral steps.
     c.sampling.sampler, c.sampling.num_steps = "ddpm", 100
+    return c
+
+
+def dit_model(c, name: str) -> ml_collections.ConfigDict:
+    """model.arch="dit" at one of the paper's sizes, named "<S|B|L|XL>/<patch>" (e.g. "XL/2"):
+    depth, width and heads from DIT_SIZES, MLP ratio 4, the shared embedder."""
+    size, _, patch = name.partition("/")
+    if size not in DIT_SIZES or patch not in ("2", "4", "8"):
+        raise ConfigError(f"model.dit: unknown DiT {name!r}; choose <S|B|L|XL>/<2|4|8>")
+    depth, hidden, heads = DIT_SIZES[size]
+    c.model.arch = "dit"
+    c.model.dit.update(
+        patch_size=int(patch),
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        per_block_embedders=False,
+    )
     return c

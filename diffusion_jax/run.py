@@ -26,6 +26,7 @@ from diffusion_jax import diffusion as dm
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert
 from diffusion_jax.models.factory import abstract_params
+from diffusion_jax.models.prompts import PromptEncoder
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.step import make_train_step
 
@@ -39,6 +40,11 @@ def schedule_from_config(config) -> dm.Schedule:
         beta_start=f.beta_start if f.beta_start >= 0 else None,
         beta_end=f.beta_end if f.beta_end >= 0 else None,
     )
+
+
+def ema_gammas(config) -> tuple[float, ...]:
+    """The exponents of the power-function EMAs of optim.ema_sigma_rels."""
+    return tuple(float(dm.sigma_rel_to_gamma(s)) for s in config.optim.ema_sigma_rels)
 
 
 def run_keys(config):
@@ -80,8 +86,18 @@ class RunSetup(NamedTuple):
                 self.mesh,
                 return_x0_at=return_x0_at,
                 decoder=self.decoder,
+                null_context=self._cached("null_context", self._null_context),
             ),
         )
+
+    def _null_context(self):
+        """The unconditional context of a run fine-tuned from a pipeline folder: its text
+        encoder's context of sampling.negative_prompt ("" by default), as the pipeline was
+        trained and samples; None (zeros) for other runs, whose dropped contexts are zeros."""
+        if not (self.config.training.init_from and config_lib.is_text_conditioned(self.config)):
+            return None
+        encoder = PromptEncoder.from_folder(self.config.text_encoder.weights)
+        return jnp.asarray(encoder(self.config.sampling.negative_prompt))
 
     def reconstruct_fn(self):
         """An autoencoder run's jitted fn(params, images) -> decoded posterior means in
@@ -90,8 +106,9 @@ class RunSetup(NamedTuple):
             "reconstruct", lambda: jax.jit(functools.partial(objectives.reconstruct, self.model))
         )
 
-    def generate(self, params, num: int, key, *, labels=None, progress_every: int = 1):
-        """`sampling.generate` with this run's sampler: `num` samples, uint8."""
+    def generate(self, params, num: int, key, *, labels=None, progress_every: int = 1, x0_at=None):
+        """`sampling.generate` with this run's sampler: `num` samples, uint8; with `x0_at`
+        (evaluation indices), also the x0 predictions of the first batch at those steps."""
         return sampling.generate(
             self.sample_fn(),
             self.config,
@@ -101,6 +118,7 @@ class RunSetup(NamedTuple):
             key,
             labels=labels,
             progress_every=progress_every,
+            x0_fn=None if x0_at is None else self.sample_fn(return_x0_at=x0_at),
         )
 
     def write_samples(self, params, key, path) -> None:
@@ -108,7 +126,17 @@ class RunSetup(NamedTuple):
         sampling.write_samples(self.sample_fn(), self.config, self.mesh, params, key, path)
 
     def init_state(self, init_key) -> state_lib.TrainState:
-        """A fresh state, created already sharded: no host ever holds all of it."""
+        """A fresh state, created already sharded: no host ever holds all of it. A run
+        fine-tuned from a pipeline folder (training.init_from) starts from its U-Net's
+        weights (the EMA too), read on each host and placed shard by shard."""
+        if self.config.training.init_from:
+            params, _ = convert.from_diffusers(Path(self.config.training.init_from) / "unet")
+            params = jax.device_put(params, self.state_sharding.params)
+            count = len(self.config.optim.ema_sigma_rels)
+            create = functools.partial(
+                state_lib.TrainState.create, optimizer=self.optimizer, num_power_emas=count
+            )
+            return jax.jit(create, out_shardings=self.state_sharding)(params)
         return jax.jit(self.init_fn, out_shardings=self.state_sharding)(init_key)
 
     def make_step(self):
@@ -124,6 +152,7 @@ class RunSetup(NamedTuple):
             grad_accum=t.grad_accum,
             ema_decay=o.ema_decay,
             ema_warmup=o.ema_warmup,
+            ema_gammas=ema_gammas(self.config),
         )
 
 
@@ -139,7 +168,7 @@ def setup_run(config, init_key, devices=None) -> RunSetup:
 
     def init_fn(key):
         params = nn.unbox(model.init(key, *inputs))["params"]
-        return state_lib.TrainState.create(params, optimizer)
+        return state_lib.TrainState.create(params, optimizer, len(config.optim.ema_sigma_rels))
 
     boxed_params = abstract_params(model, *inputs, boxed=True)
     abstract_state = jax.eval_shape(init_fn, init_key)
@@ -182,11 +211,11 @@ def restore_ema(config, workdir, step: int | None, run: RunSetup | None = None):
     """
     if run is None:
         run = setup_run(config, run_keys(config)[0])
+    width = config.eval.ema_sigma_rel
+    if width > 0 and width not in tuple(config.optim.ema_sigma_rels):
+        return _restore_posthoc(config, workdir, step, run)
     if config.eval.params_file:
-        params, _ = export.load_params(config.eval.params_file)
-        shardings = run.state_sharding.params
-        params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
-        return 0, params, run
+        return 0, _load_placed(config.eval.params_file, run), run
     manager = checkpointing.make_manager(workdir, read_only=True)
     available = manager.all_steps()
     if not available:
@@ -207,13 +236,54 @@ def restore_ema(config, workdir, step: int | None, run: RunSetup | None = None):
     else:
         candidates = sorted((s for s in available if s <= step), reverse=True)
         candidates += sorted(s for s in available if s > step)
+    profile = None
+    if width > 0:  # a tracked power-function EMA, read from the checkpoint itself
+        tracked = tuple(config.optim.ema_sigma_rels)
+        profile = (tracked.index(width), len(tracked))
     step, params = checkpointing.first_readable(
         manager,
         candidates,
-        lambda s: checkpointing.restore_ema(manager, s, run.abstract_state.ema_params),
+        lambda s: checkpointing.restore_ema(manager, s, run.abstract_state.ema_params, profile),
         advice,
     )
     return step, params, run
+
+
+def posthoc_path(workdir, sigma_rel: float, step: int) -> Path:
+    """Where --mode=posthoc_ema writes the EMA of width `sigma_rel` rebuilt at `step`."""
+    return Path(workdir) / "posthoc_ema" / f"sigma_rel_{sigma_rel:.4f}_step_{step}.msgpack"
+
+
+def posthoc_steps(workdir, sigma_rel: float, step: int | None = None) -> list[int]:
+    """The steps, oldest first, at which --mode=posthoc_ema rebuilt the EMA of width
+    `sigma_rel`; FileNotFoundError naming the fix when there is none (or not `step`)."""
+    prefix = posthoc_path(workdir, sigma_rel, 0).name.rsplit("_", 1)[0] + "_"
+    folder = Path(workdir) / "posthoc_ema"
+    names = [p.name for p in folder.glob(f"{prefix}*.msgpack")] if folder.is_dir() else []
+    steps = sorted(int(n[len(prefix) : -len(".msgpack")]) for n in names)
+    if not steps or (step is not None and step not in steps):
+        at = f" at step {step}" if step is not None and steps else ""
+        raise FileNotFoundError(
+            f"config.eval.ema_sigma_rel: no EMA of width {sigma_rel} rebuilt{at} in {folder}; "
+            f"run --mode=posthoc_ema --config.eval.ema_sigma_rel={sigma_rel} first"
+        )
+    return steps
+
+
+def _restore_posthoc(config, workdir, step: int | None, run: RunSetup):
+    """(step, params, run) of the EMA of width eval.ema_sigma_rel that --mode=posthoc_ema
+    rebuilt at `step` (None: the newest)."""
+    width = config.eval.ema_sigma_rel
+    steps = posthoc_steps(workdir, width, step)
+    step = max(steps) if step is None else step
+    return step, _load_placed(posthoc_path(workdir, width, step), run), run
+
+
+def _load_placed(path, run: RunSetup):
+    """The parameters of an exported file, placed like the run's parameters."""
+    params, _ = export.load_params(path)
+    shardings = run.state_sharding.params
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
 
 
 def checkpoint_step_arg(config) -> int | None:

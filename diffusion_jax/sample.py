@@ -4,7 +4,8 @@ pipeline folder (`config.pretrained`).
 From a checkpoint (the newest, or eval.checkpoint_step) of a diffusion run it writes
 samples/sample_step_<N>.png, an .npz of the uint8 images (arr_0, the layout
 guided-diffusion's evaluator reads, plus labels) and samples/reverse_step_<N>.png, the x0
-predictions along the reverse process; of an autoencoder run, its reconstructions.
+predictions along the reverse process of the first images, taken from the same sampling pass;
+of an autoencoder run, its reconstructions.
 
 From a pipeline folder (Stable Diffusion v1.x layout) the prompt and the negative prompt go
 through the tokenizer and CLIP's text transformer to contexts (1, 77, D); the U-Net denoises
@@ -55,7 +56,9 @@ def sample(config, workdir) -> Path:
     labels = sampling.grid_labels(config, num)
     if config_lib.is_text_conditioned(config) and config.sampling.prompt:
         labels = prompt_contexts(config, num)
-    images = run.generate(params, num, key, labels=labels)
+    images, trajectory = run.generate(
+        params, num, key, labels=labels, x0_at=sampling.reverse_process_steps(config)
+    )
     out_dir = metrics_io.samples_dir(workdir)
     out = out_dir / f"sample_step_{step}"
     if parallel.is_main_process():
@@ -67,7 +70,7 @@ def sample(config, workdir) -> Path:
         )
         rows = config.data.num_classes if config.model.class_conditional else None
         metrics_io.save_grid(out.with_suffix(".png"), metrics_io.from_uint8(images), rows=rows)
-    write_reverse_process(run, params, key, out_dir / f"reverse_step_{step}.png")
+        sampling.save_reverse_process(out_dir / f"reverse_step_{step}.png", trajectory)
     return out.with_suffix(".png")
 
 
@@ -82,33 +85,30 @@ def prompt_contexts(config, num: int) -> np.ndarray:
     return np.broadcast_to(context, (num,) + context.shape[1:])
 
 
-def write_reverse_process(run, params, key, path, num_images: int = 8, frames: int = 8):
-    """One row per image, one column per chosen step: the x0 prediction as sampling goes."""
-    config = run.config
-    steps = config.sampling.num_steps
-    at = tuple(sorted({round(i * (steps - 1) / (frames - 1)) for i in range(frames)}))
-    batch = parallel.padded_batch(num_images, run.mesh.size)
-    fn = run.sample_fn(return_x0_at=at)
-    labels = sampling.grid_labels(config, batch)
-    _, traj = fn(params, key, labels, batch)
-    traj = parallel.gather(traj)[:, :num_images]  # (frames, N, H, W, C)
-    grid = np.swapaxes(traj, 0, 1).reshape((-1,) + traj.shape[2:])
-    metrics_io.save_grid(path, grid, rows=num_images)
-
-
 # --- text to image -------------------------------------------------------------------------
 
 
 def pipeline_config(config) -> tuple[dict, ml_collections.ConfigDict]:
     """(params, config): the pipeline folder's model, diffusion, autoencoder and text encoder,
-    with the sampling, seed and mesh settings of `config`."""
+    with the sampling, seed and mesh settings of `config`; the sampling fields `config`
+    leaves unset follow the folder's scheduler config (`convert.sampling_from_scheduler`)."""
     params, found = convert.from_pipeline(config.pretrained)
     merged = ml_collections.ConfigDict(found.to_dict())
     for section in RUN_SECTIONS:
         merged[section] = ml_collections.ConfigDict(config[section].to_dict())
-    merged.sampling.clip_denoised = False
+    merged.sampling = pipeline_sampling(merged)
     config_lib.validate(merged, jax.device_count())
     return params, merged
+
+
+def pipeline_sampling(config) -> ml_collections.ConfigDict:
+    """config.sampling resolved against the scheduler config of config.pretrained."""
+    scheduler = convert.read_scheduler_config(config.pretrained)
+    try:
+        implied = convert.sampling_from_scheduler(scheduler, config.sampling.sampler)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.pretrained={config.pretrained}: {e}") from e
+    return config_lib.resolved_sampling(config, implied)
 
 
 class TextToImage(NamedTuple):
@@ -199,6 +199,11 @@ def text_to_image(config, workdir) -> Path:
             "guidance_scale": s.guidance_scale,
             "seed": config.training.seed,
             "pretrained": config.pretrained,
+            # The scheduler rules followed (the folder's, or the overrides).
+            "scheduler": {
+                key: s[key]
+                for key in (*config_lib.SCHEDULER_DEFAULTS, "clip_denoised", "timesteps")
+            },
         }
         path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         log.info("sample: wrote %s", path)

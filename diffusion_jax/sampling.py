@@ -42,8 +42,6 @@ def make_sample_fn(
     text = config_lib.is_text_conditioned(config)
     decode_fn, decoder_params = decoder if decoder is not None else (None, None)
 
-    timesteps = np.asarray(s.timesteps, np.int32) if len(s.timesteps) else None
-
     def run(params, key, cond, batch_size, decoder_params, null_context, x_T):
         def model_fn(x, t, y):
             if not text:
@@ -62,20 +60,10 @@ def make_sample_fn(
             sched,
             key,
             x_T=x_T,
-            sampler=s.sampler,
-            num_steps=s.num_steps,
-            spacing=s.spacing or None,
-            timesteps=timesteps,
-            eta=s.eta,
-            prediction=config.diffusion.prediction,
-            variance=config.diffusion.variance,
-            clip_denoised=s.clip_denoised,
             labels=cond,
             guidance_scale=guidance if cond is not None else None,
             return_x0_at=return_x0_at,
-            unipc_variant=s.unipc_variant,
-            s_churn=s.s_churn,
-            s_noise=s.s_noise,
+            **config_lib.sample_arguments(config),
         )
         if decode_fn is None:
             return out
@@ -98,15 +86,20 @@ def grid_labels(config, num: int):
     return jnp.asarray(np.arange(num) // per_row % classes, jnp.int32)
 
 
-def generate(sample_fn, config, mesh, params, num: int, key, *, labels=None, progress_every=1):
+def generate(
+    sample_fn, config, mesh, params, num: int, key, *, labels=None, progress_every=1, x0_fn=None
+):
     """`num` samples as uint8 (num, H, W, C), drawn in batches of sampling.batch_size split
     over all devices (batch i from fold_in(key, i)), with samples/s and ETA in the log.
 
     labels: (num,) class labels or, for text models, (num, M, D) contexts; None draws
-    random classes for class-conditional models and samples the others unconditionally."""
+    random classes for class-conditional models and samples the others unconditionally.
+    x0_fn: the sampler with `return_x0_at`; given, the first batch is drawn with it and
+    generate returns (images, the first batch's x0 predictions (K, B, H, W, C) in [-1, 1]):
+    the reverse process comes from the same pass as the samples."""
     batch = parallel.padded_batch(min(config.sampling.batch_size, num), mesh.size)
     progress = metrics_io.Progress(num, unit="samples")
-    out, done = [], 0
+    out, done, trajectory = [], 0, None
     for i in range(-(-num // batch)):
         batch_labels = None
         if labels is not None:
@@ -118,12 +111,31 @@ def generate(sample_fn, config, mesh, params, num: int, key, *, labels=None, pro
         if batch_labels is not None and batch_labels.shape[0] < batch:
             pad = [(0, batch - batch_labels.shape[0])] + [(0, 0)] * (batch_labels.ndim - 1)
             batch_labels = jnp.pad(batch_labels, pad)
-        images = parallel.gather(sample_fn(params, jax.random.fold_in(key, i), batch_labels, batch))
-        out.append(metrics_io.to_uint8(images))
+        fn = x0_fn if (x0_fn is not None and i == 0) else sample_fn
+        images = fn(params, jax.random.fold_in(key, i), batch_labels, batch)
+        if fn is x0_fn:
+            images, trajectory = images[0], parallel.gather(images[1])
+        out.append(metrics_io.to_uint8(parallel.gather(images)))
         done = min(done + batch, num)
         if (i + 1) % progress_every == 0 or done == num:
             log.info("sampling %s", progress.line(done, progress.update(done)))
-    return np.concatenate(out)[:num]
+    images = np.concatenate(out)[:num]
+    return images if x0_fn is None else (images, trajectory)
+
+
+def reverse_process_steps(config, frames: int = 8) -> tuple[int, ...]:
+    """`frames` network evaluations spread evenly from the first to the last: the columns
+    of the reverse-process picture."""
+    steps = config.sampling.num_steps
+    return tuple(sorted({round(i * (steps - 1) / (frames - 1)) for i in range(frames)}))
+
+
+def save_reverse_process(path, trajectory, num_images: int = 8) -> None:
+    """One row per image, one column per frame: x0 predictions (K, B, H, W, C) as sampling
+    goes, of the first `num_images` images."""
+    trajectory = np.asarray(trajectory)[:, :num_images]
+    grid = np.swapaxes(trajectory, 0, 1).reshape((-1,) + trajectory.shape[2:])
+    metrics_io.save_grid(path, grid, rows=trajectory.shape[1])
 
 
 def write_samples(sample_fn, config, mesh, params, key, path) -> None:

@@ -23,7 +23,11 @@ RECIPES = {
     "imagenet64.py": ["", "cond", "smoke"],
     "digits_latent.py": ["", "autoencoder", "smoke", "autoencoder,smoke"],
     "celebahq256_latent.py": ["", "autoencoder", "smoke", "autoencoder,smoke"],
-    "sd15_sample.py": ["", "dpm"],
+    "sd15_sample.py": ["", "dpm", "euler"],
+    "sd2_sample.py": ["", "dpm", "euler"],
+    "sd15_finetune.py": ["", "smoke"],
+    "digits_dit.py": ["", "cond", "smoke", "cond,smoke"],
+    "imagenet256_dit.py": ["", "smoke"],
 }
 
 

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax.evaluation import inception, torch_pickle
+from diffusion_jax.evaluation import inception
+from diffusion_jax.models.convert import torch_pickle
 from diffusion_jax.tools import inception_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -33,7 +33,7 @@ def test_sharded_step_equals_single_device(source):
             b["context"] = np.random.default_rng(seed).normal(size=(16, 3, 6)).astype(np.float32)
         batches.append(b)
     ref_state, ref_metrics, _ = train(config, jax.devices()[:1], batches)
-    config.mesh.data, config.mesh.fsdp = 4, 2
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     state, metrics, _ = train(config, jax.devices(), batches)
     for m, r in zip(metrics, ref_metrics, strict=True):
         np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-5)

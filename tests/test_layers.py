@@ -33,6 +33,7 @@ LAYERS = {
     "diffusion_jax.sample": 8,
     "diffusion_jax.encode": 8,
     "diffusion_jax.export_ema": 8,
+    "diffusion_jax.posthoc_ema": 8,
     "diffusion_jax.tools": 8,
     "diffusion_jax.preflight": 8,
     "diffusion_jax.main": 9,

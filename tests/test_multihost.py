@@ -1,5 +1,6 @@
 """Two processes x 4 fake CPU devices through jax.distributed on loopback, launched by
-launch/multiprocess_local.sh, against one process with 8 fake devices."""
+launch/multiprocess_local.sh, against one process with 8 fake devices: data parallel, and
+data x fsdp x tensor."""
 
 import json
 import os
@@ -101,12 +102,13 @@ def test_two_processes_match_one_process_and_survive_sigterm(tmp_path):
         np.testing.assert_allclose(got[step], loss, rtol=1e-5)
     assert "[p1]" in result.stdout and "process 0/2" in result.stdout
 
-    # data=4 x fsdp=2 across the two processes, stopped by SIGTERM, then resumed.
-    fsdp = tmp_path / "fsdp"
+    # data=2 x fsdp=2 x tensor=2 across the two processes (each holds one data row of the
+    # mesh, 'tensor' inside it), stopped by SIGTERM, then resumed.
+    sharded = tmp_path / "sharded"
+    mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
     cmd, env = launcher(
-        fsdp,
-        "--config.mesh.data=4",
-        "--config.mesh.fsdp=2",
+        sharded,
+        *mesh,
         "--config.training.num_steps=100000",
         "--config.training.ckpt_every=100000",
     )
@@ -120,33 +122,30 @@ def test_two_processes_match_one_process_and_survive_sigterm(tmp_path):
         start_new_session=True,
     )
     start = time.time()
-    while not ((fsdp / "metrics.jsonl").exists() and len(losses(fsdp)) >= 3):
+    while not ((sharded / "metrics.jsonl").exists() and len(losses(sharded)) >= 3):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.time() - start < 300
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # the launcher passes it to both processes
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    [saved] = committed_steps(fsdp)
-    got = losses(fsdp)
+    assert "mesh data=2 x fsdp=2 x tensor=2" in out
+    [saved] = committed_steps(sharded)
+    got = losses(sharded)
     for step, loss in expected.items():
         np.testing.assert_allclose(got[step], loss, rtol=1e-5)
 
-    # The checkpoint both processes wrote restores in this single process (8 devices).
+    # The checkpoint both processes wrote restores in this single process (8 devices) on
+    # another mesh, without 'tensor'.
     config = load_config("digits.py", "smoke")
     config.mesh.data, config.mesh.fsdp = 4, 2
     run = setup_run(config, run_keys(config)[0])
-    manager = checkpointing.make_manager(fsdp, read_only=True)
+    manager = checkpointing.make_manager(sharded, read_only=True)
     step, state, _ = checkpointing.restore_latest(manager, run.abstract_state)
     assert step == saved and int(state.step) == saved
     assert all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(state.ema_params))
 
-    cmd, env = launcher(
-        fsdp,
-        "--config.mesh.data=4",
-        "--config.mesh.fsdp=2",
-        f"--config.training.num_steps={saved + 2}",
-    )
+    cmd, env = launcher(sharded, *mesh, f"--config.training.num_steps={saved + 2}")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert max(losses(fsdp)) == saved + 2
+    assert max(losses(sharded)) == saved + 2

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import override, tiny_config
 
+from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel
 from diffusion_jax.objectives import draw_step_inputs
 from diffusion_jax.run import run_keys, setup_run
@@ -23,6 +24,7 @@ def small_config(**overrides):
     config.training.batch_size = 16
     config.model.dropout = 0.0
     config.optim.warmup_steps = 2
+    config.optim.ema_sigma_rels = (0.05, 0.10)  # power-function EMAs ride along
     return override(config, **overrides)
 
 
@@ -68,10 +70,14 @@ def test_sharded_step_equals_single_device(single_device_result, data, fsdp):
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     for a, b in zip(
-        jax.tree.leaves(state.ema_params), jax.tree.leaves(ref_state.ema_params), strict=True
+        jax.tree.leaves((state.ema_params, state.power_emas)),
+        jax.tree.leaves((ref_state.ema_params, ref_state.power_emas)),
+        strict=True,
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     if fsdp > 1:
+        profile = state.power_emas[1]["up_blocks_0.resnets_0"]["conv1"]["kernel"]
+        assert profile.sharding == state.params["up_blocks_0.resnets_0"]["conv1"]["kernel"].sharding
         kernel = state.params["up_blocks_0.resnets_0"]["conv1"]["kernel"]  # (3, 3, 64, 32)
         assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
         assert kernel.addressable_shards[0].data.shape == (3, 3, 64, 32 // fsdp)
@@ -188,6 +194,31 @@ def test_ema_follows_params_through_steps():
     np.testing.assert_allclose(
         leaf(state.ema_params), 0.5 * leaf(initial.params) + 0.5 * leaf(state.params), rtol=1e-6
     )
+
+
+def test_power_emas_follow_the_float64_recursion():
+    """theta_hat_t = beta_t theta_hat_(t-1) + (1 - beta_t) theta_t, beta_t = (1 - 1/t)^(g + 1):
+    the first update copies the parameters (beta_1 = 0), the next ones average them."""
+    config = small_config(**{"mesh.data": 8})
+    init_key, train_key, _ = run_keys(config)
+    run = setup_run(config, init_key)
+    state, step = run.init_state(init_key), run.make_step()
+    sharding = parallel.batch_sharding(run.mesh)
+    leaf = lambda tree: np.asarray(tree["conv_in"]["kernel"], np.float64)  # noqa: E731
+    history, profiles = [], []
+    for i in range(3):
+        state, _ = step(state, jax.device_put(batch_for(config, i), sharding), train_key)
+        history.append(leaf(state.params))
+        profiles.append([leaf(p) for p in state.power_emas])
+    for j, width in enumerate(config.optim.ema_sigma_rels):
+        gamma = float(dm.sigma_rel_to_gamma(width))
+        expected = np.zeros_like(history[0])
+        for t, params in enumerate(history, start=1):
+            beta = (1.0 - 1.0 / t) ** (gamma + 1.0)
+            expected = beta * expected + (1.0 - beta) * params
+            np.testing.assert_allclose(profiles[t - 1][j], expected, rtol=2e-5, atol=1e-7)
+    np.testing.assert_array_equal(profiles[0][0], history[0])
+    assert not np.allclose(profiles[2][0], profiles[2][1])
 
 
 def test_warmup_then_constant_and_cosine():

@@ -1,10 +1,18 @@
-"""Pure diffusion math: schedules, the forward process, losses, samplers and likelihood.
+"""Pure diffusion math: schedules, the forward process, losses, samplers, likelihood and the
+power-function EMA profiles.
 
 from diffusion_jax import diffusion as dm
 sched = dm.make_schedule("cosine", num_timesteps=1000)
 x0 = dm.sample(model_fn, sched, key, x_T=x_T, sampler="ddim", num_steps=50)
 """
 
+from diffusion_jax.diffusion.ema import (
+    gamma_to_sigma_rel,
+    posthoc_weights,
+    power_ema_beta,
+    profile_inner_products,
+    sigma_rel_to_gamma,
+)
 from diffusion_jax.diffusion.likelihood import bits_per_dim
 from diffusion_jax.diffusion.losses import (
     diffusion_loss,
@@ -26,7 +34,15 @@ from diffusion_jax.diffusion.process import (
     x0_from_eps,
     x0_from_v,
 )
-from diffusion_jax.diffusion.samplers import SAMPLERS, nfe, respaced_timesteps, sample
+from diffusion_jax.diffusion.samplers import (
+    SAMPLERS,
+    conventions_for,
+    default_spacing,
+    nfe,
+    respaced_timesteps,
+    sample,
+    sampling_grid,
+)
 from diffusion_jax.diffusion.schedules import (
     SCHEDULES,
     Schedule,
@@ -40,23 +56,31 @@ __all__ = [
     "SCHEDULES",
     "Schedule",
     "bits_per_dim",
+    "conventions_for",
+    "default_spacing",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
     "eps_from_v",
     "eps_from_x0",
+    "gamma_to_sigma_rel",
     "make_schedule",
     "nfe",
     "normal_kl",
     "p_mean_variance",
+    "posthoc_weights",
+    "power_ema_beta",
     "prior_bpd",
+    "profile_inner_products",
     "q_mean_variance",
     "q_posterior",
     "q_sample",
     "respaced_timesteps",
     "sample",
     "sample_timesteps",
+    "sampling_grid",
     "schedule_from_alphas_cumprod",
     "schedule_from_betas",
+    "sigma_rel_to_gamma",
     "snr_loss_weight",
     "v_from_x0_eps",
     "vlb_term_bpd",

@@ -13,9 +13,16 @@ evaluated exactly where the network was trained. diffusers' EulerDiscreteSchedul
 interpolates a fractional timestep in log sigma, which needs a network that accepts
 non-integer t; our model_fn takes int32 timesteps.
 
+Two conventions of diffusers' EulerDiscreteScheduler are arguments here rather than
+choices, so that a pipeline folder samples as diffusers does (`samplers.CONVENTIONS`):
+the Karras sigmas may span the spaced timesteps' sigmas instead of the schedule's, and a
+sigma may become a fractional timestep t(sigma) (`timestep_of_sigma`) at which the network
+is evaluated, with the solver on the exact sigma. The grid's levels then are not the
+table's: each step carries its own abar = 1 / (1 + sigma^2).
+
 A step function is `step(ctx, carry, i) -> (carry, x0)`; ctx is the sampler context of
-`samplers.py` (timesteps (K,), alpha and sigma (K + 1,) with the data point (1, 0) appended,
-the schedule, the churn settings, `x0_at` and `noise`).
+`samplers.py` (timesteps (K,), the level abar of each step, alpha and sigma (K + 1,) with
+the final point appended, the schedule, the churn settings, `x0`, `x0_at` and `noise`).
 """
 
 from __future__ import annotations
@@ -47,19 +54,42 @@ def nearest_timestep(log_sigma_table, sigma):
     return jnp.argmin(distance, axis=-1).astype(jnp.int32)
 
 
-def karras_timesteps(alphas_cumprod, num_steps: int, rho: float = RHO):
+def timestep_of_sigma(alphas_cumprod, sigma):
+    """The fractional timestep whose sigma is `sigma`, linear in log sigma between the two
+    timesteps around it (diffusers' `_sigma_to_t`): with l_t = log sigma_t increasing,
+    t = n + (log sigma - l_n) / (l_{n+1} - l_n) for l_n <= log sigma < l_{n+1}, clipped to
+    [0, T - 1]. sigma of any shape; float of that shape. Traceable."""
+    table = log_sigmas(alphas_cumprod)
+    log_sigma = jnp.log(jnp.maximum(sigma, 1e-10))
+    low = jnp.clip(jnp.searchsorted(table, log_sigma, side="right") - 1, 0, table.shape[0] - 2)
+    w = jnp.clip((table[low] - log_sigma) / (table[low] - table[low + 1]), 0.0, 1.0)
+    return low + w
+
+
+def sigma_at_timestep(alphas_cumprod, t):
+    """sigma at a fractional timestep: linear in sigma between the two around it (diffusers'
+    interpolation_type="linear"); exact at integers. Traceable."""
+    table = jnp.exp(log_sigmas(alphas_cumprod))
+    return jnp.interp(t, jnp.arange(table.shape[0], dtype=table.dtype), table)
+
+
+def karras_timesteps(
+    alphas_cumprod, num_steps: int, rho: float = RHO, sigma_min=None, sigma_max=None
+):
     """The K distinct timesteps, descending, whose sigmas are nearest the Karras sigmas; (K,).
 
-    sigma_min and sigma_max are the sigmas of t = 0 and t = T - 1. Where the Karras grid is
-    denser than the discrete one (near sigma_min once K is large), rounding would repeat a
-    timestep and spend an evaluation on a step of length 0, so repeats are pushed apart:
-    t_i = min(max_{j >= i} (n_j + j) - i, T - 1 - i) for the rounded n_i, which keeps n_i
-    where it is already strictly decreasing and is strictly decreasing for K <= T.
+    sigma_min and sigma_max default to the sigmas of t = 0 and t = T - 1. Where the Karras
+    grid is denser than the discrete one (near sigma_min once K is large), rounding would
+    repeat a timestep and spend an evaluation on a step of length 0, so repeats are pushed
+    apart: t_i = min(max_{j >= i} (n_j + j) - i, T - 1 - i) for the rounded n_i, which keeps
+    n_i where it is already strictly decreasing and is strictly decreasing for K <= T.
     Traceable (the schedule may be a traced argument).
     """
     table = log_sigmas(alphas_cumprod)
     num_timesteps = alphas_cumprod.shape[0]
-    sigmas = karras_sigmas(jnp.exp(table[0]), jnp.exp(table[-1]), num_steps, rho)
+    sigma_min = jnp.exp(table[0]) if sigma_min is None else sigma_min
+    sigma_max = jnp.exp(table[-1]) if sigma_max is None else sigma_max
+    sigmas = karras_sigmas(sigma_min, sigma_max, num_steps, rho)
     nearest = nearest_timestep(table, sigmas)
     index = jnp.arange(num_steps, dtype=jnp.int32)
     distinct = jax.lax.cummax(nearest + index, reverse=True) - index
@@ -67,13 +97,21 @@ def karras_timesteps(alphas_cumprod, num_steps: int, rho: float = RHO):
 
 
 def init(ctx, x_T):
-    """x_sigma at the first timestep: x_T / sqrt(abar_{t_0}) (diffusers' init_noise_sigma)."""
+    """x_sigma at the first step: x_T / sqrt(abar_0) = x_T sqrt(1 + sigma_0^2), x_T being a
+    sample at the first level; or x_T sigma_0 when `ctx.init_sigma_only` (diffusers'
+    EulerDiscreteScheduler with "linspace" or "trailing" spacing scales the initial noise by
+    init_noise_sigma = sigma_max alone)."""
+    if ctx.init_sigma_only:
+        return (x_T * (ctx.sigma[0] / ctx.alpha[0]),)
     return (x_T / ctx.alpha[0],)
 
 
-def _denoise(ctx, x, t):
-    """D(x_sigma; sigma_t) = the x0 prediction at x_t = sqrt(abar_t) x_sigma."""
-    return ctx.x0_at(x * jnp.sqrt(ctx.sched.alphas_cumprod[t]), t)
+def _denoise(ctx, x, i):
+    """(x^, sigma^, D(x^; sigma^)): the churned point of step i (`_churn`) and the x0
+    prediction there, the network seeing x_t = sqrt(abar) x^ at its level."""
+    x_hat, t_hat, abar_hat = _churn(ctx, x, i)
+    sigma_hat = jnp.sqrt((1.0 - abar_hat) / abar_hat)
+    return x_hat, sigma_hat, ctx.x0_at(x_hat * jnp.sqrt(abar_hat), t_hat, abar_hat)
 
 
 def _churn(ctx, x, i):
@@ -82,31 +120,35 @@ def _churn(ctx, x, i):
     gamma_i = min(S_churn / K, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax, else 0, and
     x^ = x + sqrt(sigma^2 - sigma_i^2) S_noise z; sigma^ is rounded to a timestep like every
     sigma (EDM's code rounds it too), so a small gamma may leave sigma and x unchanged.
-    Returns (x^, t^, sigma^). The churn settings are static: S_churn = 0 traces no noise.
+    Returns (x^, t^, abar^), the level abar^ = 1 / (1 + sigma^^2). The churn settings are
+    static: S_churn = 0 traces no noise.
     """
-    t, sigma = ctx.timesteps[i], ctx.sigma[i] / ctx.alpha[i]
+    t, abar = ctx.timesteps[i], ctx.abar[i]
     if ctx.s_churn == 0:
-        return x, t, sigma
+        return x, t, abar
+    sigma = ctx.sigma[i] / ctx.alpha[i]
     in_range = (ctx.s_tmin <= sigma) & (sigma <= ctx.s_tmax)
     gamma = jnp.where(in_range, min(ctx.s_churn / ctx.num_steps, 2.0**0.5 - 1.0), 0.0)
     table = log_sigmas(ctx.sched.alphas_cumprod)
     t_hat = nearest_timestep(table, sigma * (1.0 + gamma))
-    # Rounded back to t itself, nothing is added (and sigma keeps its exact value).
+    # Rounded back to t itself (or below it), nothing is added and sigma keeps its value.
     raised = t_hat > t
     sigma_hat = jnp.where(raised, jnp.exp(table[t_hat]), sigma)
     spread = jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * ctx.s_noise
-    return x + spread * ctx.noise(i, x), jnp.where(raised, t_hat, t), sigma_hat
+    abar_hat = jnp.where(raised, ctx.sched.alphas_cumprod[t_hat], abar)
+    t_hat = jnp.where(raised, t_hat.astype(t.dtype), t)
+    return x + spread * ctx.noise(i, x), t_hat, abar_hat
 
 
 def euler_step(ctx, carry, i):
     """Euler step of the probability-flow ODE (EDM Algorithm 2 without its 2nd-order correction).
 
     x' = x^ + (sigma' - sigma^) (x^ - D) / sigma^ = D + (sigma' / sigma^) (x^ - D),
-    written in the second form so the last step (sigma' = 0) returns D exactly.
+    written in the second form so the last step (sigma' = 0) returns D exactly; a final
+    sigma' > 0 (final_sigmas_type "sigma_min") returns x_sigma' as diffusers does.
     """
     (x,) = carry
-    x_hat, t_hat, sigma_hat = _churn(ctx, x, i)
-    d0 = _denoise(ctx, x_hat, t_hat)
+    x_hat, sigma_hat, d0 = _denoise(ctx, x, i)
     sigma_next = ctx.sigma[i + 1] / ctx.alpha[i + 1]
     x_next = d0 + (sigma_next / sigma_hat) * (x_hat - d0)
     return (x_next,), d0
@@ -122,14 +164,12 @@ def heun_step(ctx, carry, i):
     last step repeats the first and is dropped by the caller.
     """
     (x,) = carry
-    x_hat, t_hat, sigma_hat = _churn(ctx, x, i)
-    d0 = _denoise(ctx, x_hat, t_hat)
+    x_hat, sigma_hat, d0 = _denoise(ctx, x, i)
     sigma_next = ctx.sigma[i + 1] / ctx.alpha[i + 1]
     x_euler = d0 + (sigma_next / sigma_hat) * (x_hat - d0)
 
     def correct(_):
-        t_next = ctx.timesteps[jnp.minimum(i + 1, ctx.num_steps - 1)]
-        d1 = _denoise(ctx, x_euler, t_next)
+        d1 = ctx.x0(x_euler * ctx.alpha[i + 1], jnp.minimum(i + 1, ctx.num_steps - 1))
         slope = 0.5 * ((x_hat - d0) / sigma_hat + (x_euler - d1) / sigma_next)
         return x_hat + (sigma_next - sigma_hat) * slope, d1
 

@@ -7,11 +7,15 @@ step, m_i the (guided, clipped) x0 prediction at step i. The exact solution of t
 probability-flow ODE in these variables (Lu et al. 2022, DPM-Solver++ Eq. 9) is
     x_{i+1} = (sigma_{i+1} / sigma_i) x_i + sigma_{i+1} int_{lambda_i}^{lambda_{i+1}} e^l x0(l) dl,
 and the solvers differ in how they extrapolate x0(l) from the stored m's. Every solver warms
-up with lower orders over its first steps, and its last step (h = inf) returns m_{K-1}: the
+up with lower orders over its first steps. After the last step comes the final point: the
+data (alpha, sigma) = (1, 0) by default, where the last step (h = inf) returns m_{K-1}: the
 integral then weights only x0 at lambda = inf, and the best estimate of it is the newest.
+With a final abar < 1 (diffusers' final_sigmas_type="sigma_min": the level of t = 0) the
+last step is an ordinary finite step to it.
 
 A step function is `step(ctx, carry, i) -> (carry, m_i)` with carry[0] the sample; ctx is the
-sampler context of `samplers.py` (alpha, sigma, lam (K + 1,), num_steps, `x0`, `noise`).
+sampler context of `samplers.py` (alpha, sigma, lam (K + 1,), num_steps, final_is_data,
+solver_order, lower_order_final, `x0`, `noise`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ import jax.numpy as jnp
 UNIPC_VARIANTS = ("bh1", "bh2")
 
 
+# diffusers lowers the order of the last steps only below this many steps.
+LOWER_ORDER_FINAL_BELOW = 15
+
+
 def _steps(ctx, i):
     """(h, h_1, h_2): lambda_{i+1} - lambda_i and the two steps before it (0 where none).
 
-    h is 1 on the last step (its true value is inf), so that no coefficient computed for the
-    unused finite update turns into nan.
+    h is 1 on a last step into the data (its true value is inf), so that no coefficient
+    computed for the unused finite update turns into nan.
     """
     lam = ctx.lam
-    last = i == ctx.num_steps - 1
+    last = (i == ctx.num_steps - 1) & ctx.final_is_data
     h = jnp.where(last, 1.0, lam[i + 1] - lam[i])
     h_1 = lam[i] - lam[jnp.maximum(i - 1, 0)]
     h_2 = lam[jnp.maximum(i - 1, 0)] - lam[jnp.maximum(i - 2, 0)]
@@ -40,14 +48,36 @@ def _ratio(num, den, valid):
     return jnp.where(valid, num / jnp.where(valid, den, 1.0), 1.0)
 
 
+def step_order(ctx, i):
+    """The order of step i (traced int): min(solver_order, i + 1), as step i has i earlier
+    predictions (the warm-up); 1 on a last step into the data (h = inf). With
+    `lower_order_final` and K < 15 steps also 1 on the last step and at most 2 on the one
+    before (diffusers' lower_order_final, for stability with few steps)."""
+    k = ctx.num_steps
+    order = jnp.minimum(ctx.solver_order, i + 1)
+    lower = ctx.lower_order_final and k < LOWER_ORDER_FINAL_BELOW
+    if ctx.final_is_data or lower:
+        order = jnp.where(i == k - 1, 1, order)
+    if lower:
+        order = jnp.where(i == k - 2, jnp.minimum(order, 2), order)
+    return order
+
+
+def _finish(ctx, i, x_next, m):
+    """The step's output: x_{i+1}, or m_i after a last step into the data."""
+    if not ctx.final_is_data:
+        return x_next
+    return jnp.where(i < ctx.num_steps - 1, x_next, m)
+
+
 def _midpoint_data(ctx, carry, i):
     """(x, m_i, h, D) of a 2M step: the data prediction m_i = x0(x, t_i), the step
     h = lambda_{i+1} - lambda_i and D = m_i + 1/(2r) (m_i - m_{i-1}), r = h_{i-1} / h
-    (first order, D = m_i, on the first and the last step)."""
+    (first order, D = m_i, where `step_order` is 1)."""
     x, m_prev = carry
     m = ctx.x0(x, i)
     h, h_1, _ = _steps(ctx, i)
-    second_order = (i > 0) & (i < ctx.num_steps - 1)
+    second_order = step_order(ctx, i) >= 2
     r = _ratio(h_1, h, second_order)
     return x, m, h, jnp.where(second_order, m + (0.5 / r) * (m - m_prev), m)
 
@@ -56,11 +86,12 @@ def dpm_solver_pp_2m_step(ctx, carry, i):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), diffusers' "midpoint" form.
 
     x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D,  D = (1 + 1/(2r)) m_i - 1/(2r) m_{i-1},
-    r = h_{i-1} / h; the first step is first order (D = m_i).
+    r = h_{i-1} / h; first order (D = m_i, DDIM's update) where `step_order` is 1: the first
+    step, and every step for solver_order=1.
     """
     x, m, h, d = _midpoint_data(ctx, carry, i)
     x_next = (ctx.sigma[i + 1] / ctx.sigma[i]) * x - ctx.alpha[i + 1] * jnp.expm1(-h) * d
-    return (jnp.where(i < ctx.num_steps - 1, x_next, m), m), m
+    return (_finish(ctx, i, x_next, m), m), m
 
 
 def dpm_solver_pp_2m_sde_step(ctx, carry, i):
@@ -79,7 +110,7 @@ def dpm_solver_pp_2m_sde_step(ctx, carry, i):
         + ctx.alpha[i + 1] * kept * d
         + sigma_next * jnp.sqrt(kept) * ctx.noise(i, x)
     )
-    return (jnp.where(i < ctx.num_steps - 1, x_next, m), m), m
+    return (_finish(ctx, i, x_next, m), m), m
 
 
 def dpm_solver_pp_3m_step(ctx, carry, i):
@@ -90,11 +121,14 @@ def dpm_solver_pp_3m_step(ctx, carry, i):
         D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r0 + r1),
         x' = (sigma'/sigma) x - alpha' phi_1 m_i + alpha' phi_2 D1 - alpha' phi_3 D2,
     phi_1 = e^{-h} - 1, phi_2 = phi_1 / h + 1, phi_3 = (phi_1 + h) / h^2 - 1/2 (the Taylor
-    terms of the integral in the module doc). Steps 0 and 1 are 1st and 2nd order (2M).
+    terms of the integral in the module doc). Where `step_order` is 2 (step 1, and the
+    step before the last with lower_order_final) the update is 2M's, x' = linear -
+    alpha' phi_1 D1_0 / 2; where it is 1 (step 0), the linear part alone.
     """
     x, m_1, m_2 = carry
     m = ctx.x0(x, i)
     h, h_1, h_2 = _steps(ctx, i)
+    order = step_order(ctx, i)
     r0 = _ratio(h_1, h, i >= 1)
     r1 = _ratio(h_2, h, i >= 2)
     phi_1 = jnp.expm1(-h)
@@ -108,8 +142,8 @@ def dpm_solver_pp_3m_step(ctx, carry, i):
     linear = (ctx.sigma[i + 1] / ctx.sigma[i]) * x - alpha_next * phi_1 * m
     third = linear + alpha_next * (phi_2 * d1 - phi_3 * d2)
     second = linear - alpha_next * phi_1 * 0.5 * d1_0
-    x_next = jnp.where(i >= 2, third, jnp.where(i == 1, second, linear))
-    return (jnp.where(i < ctx.num_steps - 1, x_next, m), m, m_1), m
+    x_next = jnp.where(order >= 3, third, jnp.where(order == 2, second, linear))
+    return (_finish(ctx, i, x_next, m), m, m_1), m
 
 
 def _unipc_coefficients(h, variant: str):

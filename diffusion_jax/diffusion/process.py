@@ -111,6 +111,22 @@ def x0_eps_from_prediction(sched: Schedule, prediction: str, model_mean_output, 
     raise ValueError(f"unknown diffusion.prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
+def x0_eps_at_level(prediction: str, model_mean_output, x_t, alpha_bar):
+    """(x0, eps) of a network output at the noise level abar = `alpha_bar` (a scalar, which
+    need not be a timestep's: samplers visit levels between them), with a = sqrt(abar),
+    b = sqrt(1 - abar) and x_t = a x0 + b eps:
+        eps: x0 = (x_t - b eps) / a;   x0: eps = (x_t - a x0) / b;
+        v:   x0 = a x_t - b v,  eps = b x_t + a v."""
+    a, b = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+    if prediction == "eps":
+        return (x_t - b * model_mean_output) / a, model_mean_output
+    if prediction == "x0":
+        return model_mean_output, (x_t - a * model_mean_output) / b
+    if prediction == "v":
+        return a * x_t - b * model_mean_output, b * x_t + a * model_mean_output
+    raise ValueError(f"unknown diffusion.prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
 def target_from_x0_eps(sched: Schedule, prediction: str, x0, eps, t):
     """The regression target of the network under `prediction`: eps, x0 or v."""
     if prediction == "eps":

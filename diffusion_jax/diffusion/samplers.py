@@ -15,6 +15,14 @@ learned variance is taken from the conditional output.
 `num_steps` counts network evaluations (NFE, guidance's second pass not counted) for every
 sampler: one per step, except Heun's two (`nfe`). The update formulas live in
 `multistep.py` (lambda = log(alpha / sigma) solvers) and `karras.py` (Euler, Heun).
+
+The grid a sampler walks is K timesteps t_i given to the network and the level abar_i of
+each (the schedule's abar_{t_i}, or between two timesteps for sigmas off the table), then a
+final point abar_K = `final_alpha_cumprod` (1: the data). Published samplers differ in how
+they build it; `sample` takes each difference as an argument (spacing, steps_offset,
+final_alpha_cumprod, karras_sigmas, solver_order, lower_order_final) and `conventions`
+names the rest of diffusers' per-scheduler habits (`Conventions`), so that a pipeline
+folder's scheduler_config.json can be followed exactly.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ import numpy as np
 from diffusion_jax.diffusion import karras, multistep, process
 from diffusion_jax.diffusion.schedules import Schedule, schedule_from_alphas_cumprod
 
-SPACINGS = ("uniform", "quadratic", "trailing")
-# The samplers on respaced timesteps; the Karras samplers (euler, heun) take no spacing.
+SPACINGS = ("uniform", "quadratic", "trailing", "leading", "linspace")
+# The samplers on respaced timesteps; the Karras samplers (euler, heun) take a spacing only
+# without Karras sigmas.
 DEFAULT_SPACING = {
     "ddpm": "uniform",
     "ddim": "uniform",
@@ -40,22 +49,124 @@ DEFAULT_SPACING = {
     "dpm_solver++_3m": "trailing",
     "unipc": "trailing",
 }
+CONVENTION_NAMES = ("project", "diffusers")
 
 
-def respaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
-    """K timesteps of a T-step process, descending, int32 (K,).
+class Conventions(NamedTuple):
+    """How a sampler builds its grid and its first and last steps where diffusers' schedulers
+    do it differently from this module (`conventions_for`); all False/"schedule"/"nearest"
+    are this module's own.
+
+    ddim_prev_step_ratio: DDIM steps from t_i to the level of t_i - floor(T / K)
+      (DDIMScheduler's prev_timestep), the final point when negative, instead of to t_{i+1}.
+      The same for "leading" spacing; for the others the two differ by a timestep or so.
+    spacing_includes_end: "leading" and "linspace" space K + 1 points and drop the last
+      (t near 0), whose place the final point takes (DPMSolverMultistepScheduler and
+      UniPCMultistepScheduler), instead of K points.
+    karras_range: the Karras sigmas span sigma_{t=0}..sigma_{t=T-1} ("schedule"; EDM,
+      DPMSolverMultistep) or the sigmas of the spaced grid's last and first timesteps
+      ("timesteps"; EulerDiscreteScheduler).
+    level_timesteps: how a sigma off the table becomes a network timestep: "nearest" (the
+      nearest timestep in log sigma, the step then at its table level; EDM's rounding),
+      "rounded" (round(t(sigma)), the step at sigma's own level; DPMSolverMultistep) or
+      "fractional" (t(sigma) itself, `karras.timestep_of_sigma`; EulerDiscrete). Fractional
+      also keeps "linspace" timesteps unrounded, at the sigma interpolated there.
+    init_sigma_only: euler/heun start from x_T sigma_0 instead of x_T sqrt(1 + sigma_0^2)
+      (EulerDiscreteScheduler's init_noise_sigma with "linspace" or "trailing" spacing).
+    clip_keeps_eps: clip_denoised clips x0 and keeps the network's eps (DDIMScheduler's
+      clip_sample) instead of recomputing eps from the clipped x0 (improved DDPM).
+    """
+
+    ddim_prev_step_ratio: bool = False
+    spacing_includes_end: bool = False
+    karras_range: str = "schedule"
+    level_timesteps: str = "nearest"
+    init_sigma_only: bool = False
+    clip_keeps_eps: bool = False
+
+
+PROJECT = Conventions()
+# diffusers' scheduler classes behind each sampler, and their default timestep_spacing.
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm_solver++": "DPMSolverMultistepScheduler",
+    "dpm_solver++_sde": "DPMSolverMultistepScheduler",
+    "dpm_solver++_3m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+DIFFUSERS_SPACING = {"ddpm": "leading", "ddim": "leading"}  # "linspace" for the others
+
+
+def conventions_for(name: str, sampler: str, spacing: str | None = None) -> Conventions:
+    """The `Conventions` of `sampler` under `name`: "project" (this module's own) or
+    "diffusers" (those of the sampler's class in `DIFFUSERS_SCHEDULERS`)."""
+    if name not in CONVENTION_NAMES:
+        raise ValueError(f"unknown sampling.conventions {name!r}; choose one of {CONVENTION_NAMES}")
+    if name == "project" or sampler == "ddpm":
+        return PROJECT
+    if sampler == "ddim":
+        return Conventions(ddim_prev_step_ratio=True, clip_keeps_eps=True)
+    if sampler in KARRAS_SAMPLERS:
+        return Conventions(
+            karras_range="timesteps",
+            level_timesteps="fractional",
+            init_sigma_only=spacing in ("linspace", "trailing"),
+        )
+    return Conventions(spacing_includes_end=True, level_timesteps="rounded")
+
+
+def default_spacing(sampler: str, conventions: str = "project") -> str:
+    """The spacing `sample` uses when given none."""
+    if conventions == "diffusers":
+        return DIFFUSERS_SPACING.get(sampler, "linspace")
+    return DEFAULT_SPACING.get(sampler, "uniform")
+
+
+def respaced_timesteps(
+    num_timesteps: int,
+    num_steps: int,
+    spacing: str = "uniform",
+    *,
+    steps_offset: int = 0,
+    include_end: bool = False,
+    fractional: bool = False,
+) -> np.ndarray:
+    """K timesteps of a T-step process, descending, int32 (K,) (float32 when `fractional`).
 
     uniform: round(i (T - 1) / (K - 1)), which keeps both t = 0 and t = T - 1 (improved DDPM);
     quadratic: floor((i sqrt(0.8 T) / (K - 1))^2) (the DDIM paper's CIFAR-10 spacing);
     trailing: round(T - i T / K) - 1, which starts at T - 1 and leaves out t = 0, so the last
     step goes from t = T/K - 1 to the data (diffusers' "trailing"; the stable choice for
-    multistep solvers, whose second-order step into t = 0 would extrapolate far).
+    multistep solvers, whose second-order step into t = 0 would extrapolate far);
+    leading: j floor(T / P) + steps_offset for j = P - 1 down to P - K (diffusers' "leading",
+    Stable Diffusion's: steps_offset=1 and K = 50 give 981, 961, ..., 1);
+    linspace: the first K of round(j (T - 1) / (P - 1)), j = P - 1 down to 0 (diffusers'
+    "linspace"; unrounded when `fractional`, as EulerDiscreteScheduler keeps them).
+    P = K + 1 when `include_end` (the last point, near t = 0, then belongs to the final
+    point; see `Conventions.spacing_includes_end`), else K. steps_offset shifts "leading"
+    only, as in diffusers.
     """
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(
             f"sampling.num_steps must be in [1, {num_timesteps}] (diffusion.num_timesteps), "
             f"got {num_steps}"
         )
+    points = num_steps + 1 if include_end else num_steps
+    if spacing == "leading":
+        steps = np.arange(points - 1, points - 1 - num_steps, -1) * (num_timesteps // points)
+        steps = steps + steps_offset
+        if steps.max() >= num_timesteps or steps.min() < 0:
+            raise ValueError(
+                f"sampling.steps_offset={steps_offset} moves the leading timesteps of "
+                f"{num_steps} steps outside [0, {num_timesteps})"
+            )
+        return steps.astype(np.int32)
+    if spacing == "linspace":
+        steps = np.linspace(0, num_timesteps - 1, points)[::-1][:num_steps]
+        return steps.astype(np.float32) if fractional else np.round(steps).astype(np.int32)
     if num_steps == 1:
         steps = np.array([num_timesteps - 1])
     elif spacing == "uniform":
@@ -110,7 +221,9 @@ def _ddpm_step(ctx, carry, i):
 
 
 def _ddim_step(ctx, carry, i):
-    """DDIM update (Eq. 12 of Song et al. 2021) from t_i to t_{i+1} (abar = 1 after the last).
+    """DDIM update (Eq. 12 of Song et al. 2021) from t_i to t_{i+1}; after the last step
+    abar' = final_alpha_cumprod (1: x' = x0; DDIMScheduler's set_alpha_to_one=False takes
+    abar_0, leaving x' = sqrt(abar_0) x0 + sqrt(1 - abar_0) eps).
 
     x' = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar').
@@ -187,10 +300,16 @@ class _Options(NamedTuple):
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
+    solver_order: int = 2
+    lower_order_final: bool = False
+    final_is_data: bool = True
+    init_sigma_only: bool = False
+    clip_keeps_eps: bool = False
 
 
 class _Context:
-    """What a sampler step needs, computed once outside the scan."""
+    """What a sampler step needs, computed once outside the scan: the grid's timesteps (K,),
+    its levels abar (K,), DDIM's next levels (K,) and the final level (a scalar)."""
 
     def __init__(
         self,
@@ -198,7 +317,7 @@ class _Context:
         model_fn,
         sched,
         key,
-        timesteps,
+        grid,
         labels,
         guidance_scale,
         eta,
@@ -207,6 +326,7 @@ class _Context:
         clip_denoised,
         options,
     ):
+        timesteps, abar, abar_next, final = grid
         self.key = key
         self.timesteps = timesteps
         self.num_steps = timesteps.shape[0]
@@ -217,6 +337,9 @@ class _Context:
         self.unipc_variant = options.unipc_variant
         self.s_churn, self.s_tmin = options.s_churn, options.s_tmin
         self.s_tmax, self.s_noise = options.s_tmax, options.s_noise
+        self.solver_order, self.lower_order_final = options.solver_order, options.lower_order_final
+        self.final_is_data, self.init_sigma_only = options.final_is_data, options.init_sigma_only
+        self.clip_keeps_eps = options.clip_keeps_eps
         self._model = functools.partial(
             guided_model_output,
             model_fn,
@@ -224,20 +347,22 @@ class _Context:
             guidance_scale=guidance_scale,
             variance=variance,
         )
-        abar = sched.alphas_cumprod[timesteps]
-        one = jnp.ones((1,), abar.dtype)
+        end = jnp.reshape(final, (1,)).astype(abar.dtype)
         self.abar = abar
-        self.abar_next = jnp.concatenate([abar[1:], one])
+        self.abar_next = abar_next
         # The respaced process over the chosen steps, ascending in time (improved DDPM).
         self.sub = schedule_from_alphas_cumprod(abar[::-1])
-        self.alpha = jnp.sqrt(jnp.concatenate([abar, one]))
-        self.sigma = jnp.sqrt(jnp.concatenate([1.0 - abar, 1.0 - one]))
+        self.alpha = jnp.sqrt(jnp.concatenate([abar, end]))
+        self.sigma = jnp.sqrt(jnp.concatenate([1.0 - abar, 1.0 - end]))
         self.lam = jnp.log(self.alpha) - jnp.log(jnp.maximum(self.sigma, 1e-30))
-        self.lam = self.lam.at[-1].set(jnp.inf)
+        if self.final_is_data:
+            self.lam = self.lam.at[-1].set(jnp.inf)
+
+    def _times(self, t, x):
+        return jnp.full((x.shape[0],), t, self.timesteps.dtype)
 
     def denoise(self, x, i):
-        t = jnp.full((x.shape[0],), self.timesteps[i], jnp.int32)
-        return self._model(x, t)
+        return self._model(x, self._times(self.timesteps[i], x))
 
     def sub_index(self, i, x):
         return jnp.full((x.shape[0],), self.num_steps - 1 - i, jnp.int32)
@@ -246,29 +371,30 @@ class _Context:
         """The noise of step i, shaped like x (`_step_noise`)."""
         return _step_noise(self.key, i, x.shape, x.dtype)
 
-    def x0_eps_at(self, out, x, t):
-        """(x0, eps) from the output at timestep t (scalar), x0 clipped (eps recomputed) if
-        asked."""
+    def x0_eps_level(self, out, x, abar):
+        """(x0, eps) from the output at the level abar (scalar), x0 clipped if asked, with
+        eps recomputed from it (or kept: `Conventions.clip_keeps_eps`)."""
         mean_output, _ = process.split_variance_output(out, self.variance)
-        t = jnp.full((x.shape[0],), t, jnp.int32)
-        x0, eps = process.x0_eps_from_prediction(self.sched, self.prediction, mean_output, x, t)
+        x0, eps = process.x0_eps_at_level(self.prediction, mean_output, x, abar)
         if self.clip_denoised:
             x0 = jnp.clip(x0, -1.0, 1.0)
-            eps = process.eps_from_x0(self.sched, x, t, x0)
+            if not self.clip_keeps_eps:
+                eps = (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
         return x0, eps
 
     def x0_eps(self, out, x, i):
-        """(x0, eps) from the output at step i (`x0_eps_at`)."""
-        return self.x0_eps_at(out, x, self.timesteps[i])
+        """(x0, eps) from the output at step i (`x0_eps_level`)."""
+        return self.x0_eps_level(out, x, self.abar[i])
 
-    def x0_at(self, x, t):
-        """The x0 prediction of the (guided) model at x_t, timestep t (scalar); one NFE."""
-        out = self._model(x, jnp.full((x.shape[0],), t, jnp.int32))
-        return self.x0_eps_at(out, x, t)[0]
+    def x0_at(self, x, t, abar):
+        """The x0 prediction of the (guided) model at x_t, network timestep t, level abar
+        (scalars); one NFE."""
+        out = self._model(x, self._times(t, x))
+        return self.x0_eps_level(out, x, abar)[0]
 
     def x0(self, x, i):
         """The x0 prediction at step i (`x0_at`)."""
-        return self.x0_at(x, self.timesteps[i])
+        return self.x0_at(x, self.timesteps[i], self.abar[i])
 
 
 @functools.partial(
@@ -288,7 +414,7 @@ def _sample(
     sched,
     key,
     x_T,
-    timesteps,
+    grid,
     labels,
     guidance_scale,
     eta,
@@ -304,7 +430,7 @@ def _sample(
         model_fn=model_fn,
         sched=sched,
         key=jax.random.fold_in(key, 1),
-        timesteps=timesteps,
+        grid=grid,
         labels=labels,
         guidance_scale=guidance_scale,
         eta=eta,
@@ -327,6 +453,80 @@ def _sample(
     # num_steps makes num_steps - 1 evaluations).
     at = np.minimum(np.asarray(return_x0_at), pred_x0.shape[0] - 1)
     return x, pred_x0[at]
+
+
+def sampling_grid(
+    sched: Schedule,
+    sampler: str,
+    num_steps: int,
+    *,
+    spacing: str,
+    steps_offset: int = 0,
+    timesteps=None,
+    karras_sigmas: bool = False,
+    final_alpha_cumprod: float = 1.0,
+    conventions: Conventions = PROJECT,
+):
+    """The grid of `sample`: (timesteps (K,), abar (K,), DDIM's next levels abar' (K,), final).
+
+    Without Karras sigmas the timesteps are `respaced_timesteps` (or the explicit ones) at
+    their table levels abar_{t_i} (sigma interpolated linearly at fractional timesteps,
+    `karras.sigma_at_timestep`, abar = 1 / (1 + sigma^2)). With them, K sigmas of Eq. 5 of
+    Karras et al. between the range's ends become timesteps as `conventions.level_timesteps`
+    says. abar'_i is abar_{i+1}, final_alpha_cumprod after the last step (or DDIMScheduler's
+    t - floor(T / K), `Conventions.ddim_prev_step_ratio`). Traceable in the schedule.
+    """
+    table = sched.alphas_cumprod
+    num_timesteps = sched.num_timesteps
+    fractional = conventions.level_timesteps == "fractional"
+    if timesteps is not None:
+        if karras_sigmas:
+            raise ValueError("sampling.timesteps: explicit timesteps take no Karras sigmas")
+        spaced = np.asarray(timesteps)
+    else:
+        include_end = conventions.spacing_includes_end and spacing in ("leading", "linspace")
+        spaced = respaced_timesteps(
+            num_timesteps,
+            num_steps,
+            spacing,
+            steps_offset=steps_offset,
+            include_end=include_end,
+            fractional=fractional,
+        )
+    if np.issubdtype(spaced.dtype, np.integer):
+        spaced = jnp.asarray(spaced, jnp.int32)
+        abar = table[spaced]
+    else:
+        spaced = jnp.asarray(spaced, jnp.float32)
+        abar = 1.0 / (1.0 + karras.sigma_at_timestep(table, spaced) ** 2)
+    if karras_sigmas:
+        lo = hi = None
+        if conventions.karras_range == "timesteps":
+            sigmas = jnp.sqrt((1.0 - abar) / abar)
+            lo, hi = sigmas[-1], sigmas[0]
+        if conventions.level_timesteps == "nearest":
+            spaced = karras.karras_timesteps(table, num_steps, sigma_min=lo, sigma_max=hi)
+            abar = table[spaced]
+        else:
+            log_table = karras.log_sigmas(table)
+            sigmas = karras.karras_sigmas(
+                jnp.exp(log_table[0]) if lo is None else lo,
+                jnp.exp(log_table[-1]) if hi is None else hi,
+                num_steps,
+            )
+            spaced = karras.timestep_of_sigma(table, sigmas)
+            if conventions.level_timesteps == "rounded":
+                spaced = jnp.round(spaced).astype(jnp.int32)
+            else:
+                spaced = spaced.astype(jnp.float32)
+            abar = 1.0 / (1.0 + sigmas**2)
+    final = jnp.asarray(final_alpha_cumprod, table.dtype)
+    if conventions.ddim_prev_step_ratio and timesteps is None:
+        prev = spaced - num_timesteps // spaced.shape[0]
+        abar_next = jnp.where(prev >= 0, table[jnp.maximum(prev, 0)], final)
+    else:
+        abar_next = jnp.concatenate([abar[1:], final[None]])
+    return spaced, abar, abar_next, final
 
 
 def sample(
@@ -352,13 +552,20 @@ def sample(
     s_tmin: float = 0.0,
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
+    steps_offset: int = 0,
+    final_sigmas_type: str = "zero",
+    karras_sigmas: bool | None = None,
+    solver_order: int | None = None,
+    lower_order_final: bool = False,
+    conventions: str = "project",
 ):
     """Draws x_0 from the reverse process, one jitted `lax.scan` over the steps.
 
     Args:
       model_fn: the denoiser (module doc); it is a static argument of the jit, so call
         `sample` inside your own `jax.jit` with the parameters as traced arguments when the
-        closure holds large weights.
+        closure holds large weights. Its timesteps are int32, or float32 on a grid of
+        fractional timesteps (`Conventions.level_timesteps`).
       sched: the training `Schedule` (T steps).
       key: PRNG key; x_T (if not given) and the noise of step i both derive from it, the
         latter as fold_in(key', i), so samplers given one key share their noise.
@@ -369,11 +576,12 @@ def sample(
         or "euler" / "heun" (EDM, Karras sigmas with rho = 7, `karras.py`).
       num_steps: network evaluations N <= T (`nfe`): N steps, or floor((N + 1) / 2) Heun
         steps; default T for ddpm, 50 for ddim and euler, 35 for heun, 20 for the others.
-      spacing: "uniform", "quadratic" or "trailing" (`respaced_timesteps`); default "uniform"
-        for ddpm and ddim, "trailing" for the multistep solvers; euler and heun take none
-        (their steps are the timesteps nearest the Karras sigmas).
-      timesteps: explicit descending int array (K,) overriding num_steps and spacing (for
-        euler and heun: the grid of sigmas, K steps, then sigma = 0).
+      spacing: "uniform", "quadratic", "trailing", "leading" or "linspace"
+        (`respaced_timesteps`); default `default_spacing`: "uniform" for ddpm and ddim,
+        "trailing" for the multistep solvers (diffusers' conventions: "leading" for ddim,
+        "linspace" for the others). euler and heun take one only without Karras sigmas.
+      timesteps: explicit descending array (K,) overriding num_steps and spacing (for
+        euler and heun: the grid of sigmas, K steps, then the final point).
       prediction, variance, clip_denoised: as in `process.p_mean_variance`.
       labels: (B,) int class labels or None; guidance_scale: float w (module doc) or None
         for no guidance.
@@ -383,6 +591,21 @@ def sample(
       unipc_variant: "bh2" (B(h) = e^h - 1, diffusers' default) or "bh1" (B(h) = h).
       s_churn, s_tmin, s_tmax, s_noise: EDM's stochastic churn (Algorithm 2) for euler and
         heun; the defaults (EDM's code) add no noise.
+      steps_offset: added to "leading" timesteps (Stable Diffusion's scheduler: 1).
+      final_sigmas_type: where the last step ends, abar_K: "zero" (abar_K = 1, sigma = 0:
+        the data; the last step returns the x0 prediction) or "sigma_min" (abar_K = abar_0,
+        the level of t = 0, which ddim, the dpm_solver++ family and euler reach with an
+        ordinary last step: x_K = sqrt(abar_0) x0 + sqrt(1 - abar_0) eps for ddim, whose
+        set_alpha_to_one=True/False in diffusers are these two).
+      karras_sigmas: step on Eq. 5 of Karras et al. (rho = 7) instead of a spacing; default
+        True for euler and heun under the project's conventions, else False. For euler,
+        heun and the dpm_solver++ family.
+      solver_order: dpm_solver++'s order: 1 (the DDIM update in lambda), 2 (2M, default) or
+        3 (3M); 1 or 2 for dpm_solver++_sde; 3 for dpm_solver++_3m.
+      lower_order_final: with fewer than 15 steps, the dpm_solver++ family takes its last
+        step at order 1 and the one before at order 2 at most (`multistep.step_order`);
+        without it only the final data point (h = inf) lowers the last step's order.
+      conventions: "project" or "diffusers": the per-scheduler habits of `Conventions`.
 
     Returns:
       x_0 (B, H, W, C), or (x_0, x0_predictions (len(return_x0_at), B, H, W, C)).
@@ -394,24 +617,55 @@ def sample(
             f"unknown unipc_variant {unipc_variant!r}; choose one of {multistep.UNIPC_VARIANTS}"
         )
     karras_grid = sampler in KARRAS_SAMPLERS
-    if karras_grid and spacing:
+    if karras_sigmas is None:
+        # Explicit timesteps replace the default Karras grid.
+        karras_sigmas = karras_grid and conventions == "project" and timesteps is None
+    # diffusers' EulerDiscreteScheduler takes the range of its Karras sigmas from the spaced
+    # timesteps; here a spacing and Karras sigmas are one choice too many.
+    if karras_sigmas and spacing and conventions == "project":
         raise ValueError(
-            f"sampling.spacing={spacing!r} does not apply to sampler {sampler!r}, whose steps "
-            "follow the Karras sigmas; leave it empty or give sampling.timesteps"
+            f"sampling.spacing={spacing!r} does not apply to Karras sigmas (sampler "
+            f"{sampler!r}); leave it empty, give sampling.timesteps, or turn "
+            "sampling.use_karras_sigmas off"
+        )
+    if karras_sigmas and not (karras_grid or sampler.startswith("dpm_solver++")):
+        raise ValueError(
+            f"sampling.use_karras_sigmas: sampler {sampler!r} steps on timesteps; Karras "
+            "sigmas are for euler, heun and the dpm_solver++ family"
+        )
+    solver_order = _solver_order(sampler, solver_order)
+    if sampler == "dpm_solver++" and solver_order == 3:
+        sampler = "dpm_solver++_3m"
+    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise ValueError(
+            f"unknown sampling.final_sigmas_type {final_sigmas_type!r}; choose one of "
+            f"{FINAL_SIGMAS_TYPES}"
+        )
+    final_is_data = final_sigmas_type == "zero"
+    if not final_is_data and sampler not in FINITE_FINAL:
+        raise ValueError(
+            f"sampling.final_sigmas_type: sampler {sampler!r} ends at the data; a final level "
+            f"below 1 is for {FINITE_FINAL}"
         )
     if x_T is None:
         if shape is None:
             raise ValueError("sample() needs x_T or shape")
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, sched.betas.dtype)
-    if timesteps is None:
-        evaluations = num_steps or SAMPLERS[sampler].default_steps or sched.num_timesteps
-        steps = min(_num_grid_steps(sampler, evaluations), sched.num_timesteps)
-        if karras_grid:
-            timesteps = karras.karras_timesteps(sched.alphas_cumprod, steps)
-        else:
-            spacing = spacing or DEFAULT_SPACING[sampler]
-            timesteps = respaced_timesteps(sched.num_timesteps, steps, spacing)
-    timesteps = jnp.asarray(timesteps, jnp.int32)
+    spacing = spacing or default_spacing(sampler, conventions)
+    conv = conventions_for(conventions, sampler, spacing)
+    evaluations = num_steps or SAMPLERS[sampler].default_steps or sched.num_timesteps
+    steps = min(_num_grid_steps(sampler, evaluations), sched.num_timesteps)
+    grid = sampling_grid(
+        sched,
+        sampler,
+        steps,
+        spacing=spacing,
+        steps_offset=steps_offset,
+        timesteps=timesteps,
+        karras_sigmas=karras_sigmas,
+        final_alpha_cumprod=1.0 if final_is_data else sched.alphas_cumprod[0],
+        conventions=conv,
+    )
     if return_x0_at is not None:
         return_x0_at = tuple(int(i) for i in return_x0_at)
     return _sample(
@@ -419,7 +673,7 @@ def sample(
         sched,
         key,
         x_T,
-        timesteps,
+        grid,
         labels,
         guidance_scale,
         jnp.asarray(eta, sched.betas.dtype),
@@ -429,6 +683,35 @@ def sample(
         clip_denoised=clip_denoised,
         return_x0_at=return_x0_at,
         options=_Options(
-            unipc_variant, float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)
+            unipc_variant,
+            float(s_churn),
+            float(s_tmin),
+            float(s_tmax),
+            float(s_noise),
+            solver_order,
+            bool(lower_order_final),
+            # DDIM's final level is in its abar' array: both finals share one program.
+            final_is_data or sampler == "ddim",
+            conv.init_sigma_only,
+            conv.clip_keeps_eps and bool(clip_denoised),
         ),
     )
+
+
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# Samplers whose last step can end at a level below 1 (final_sigmas_type="sigma_min").
+FINITE_FINAL = ("ddim", "dpm_solver++", "dpm_solver++_sde", "dpm_solver++_3m", "euler")
+SOLVER_ORDERS = {"dpm_solver++": (1, 2, 3), "dpm_solver++_sde": (1, 2), "dpm_solver++_3m": (3,)}
+
+
+def _solver_order(sampler: str, solver_order: int | None) -> int:
+    """The order of a dpm_solver++ sampler (2, 3 for 3M; 1 for the others, unused there)."""
+    allowed = SOLVER_ORDERS.get(sampler)
+    if solver_order is None:
+        return 2 if sampler == "dpm_solver++" else allowed[-1] if allowed else 1
+    if allowed is None or solver_order not in allowed:
+        raise ValueError(
+            f"sampling.solver_order={solver_order} does not apply to sampler {sampler!r}"
+            + (f"; choose one of {allowed}" if allowed else "")
+        )
+    return solver_order

@@ -22,7 +22,7 @@ from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation import digits_classifier, inception, metrics
-from diffusion_jax.run import restore_ema, run_keys
+from diffusion_jax.run import posthoc_steps, restore_ema, run_keys
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,19 @@ def evaluate_step(config, step, params, run) -> dict:
         return metric_scores(config, run, images_uint8, params, key)
 
     scores = run.objective.scores(run, params, key, score_samples)
-    return {"step": step, "num_samples": config.eval.num_samples, **scores}
+    return {"step": step, "ema": ema_name(config), "num_samples": config.eval.num_samples, **scores}
+
+
+def ema_name(config) -> str:
+    """Which average of the weights was scored: the power-function EMA of eval.ema_sigma_rel
+    (tracked, or rebuilt by --mode=posthoc_ema), or the exponential one of optim.ema_decay."""
+    width = config.eval.ema_sigma_rel
+    if config.eval.params_file:
+        return f"file {Path(config.eval.params_file).name}"
+    if width > 0:
+        how = "tracked" if width in tuple(config.optim.ema_sigma_rels) else "posthoc"
+        return f"power sigma_rel={width:g} ({how})"
+    return f"exponential decay={config.optim.ema_decay:g}"
 
 
 def settings_key(config) -> str:
@@ -224,6 +236,9 @@ def evaluate(config, workdir, steps=None) -> list[dict]:
     config_lib.validate(config, jax.device_count())
     if steps is None and config.eval.checkpoint_step >= 0:
         steps = [config.eval.checkpoint_step]
+    width = config.eval.ema_sigma_rel
+    if steps is None and width > 0 and width not in tuple(config.optim.ema_sigma_rels):
+        steps = posthoc_steps(workdir, width)
     if steps is None:
         steps = checkpointing.make_manager(workdir, read_only=True).all_steps()
     key = settings_key(config)

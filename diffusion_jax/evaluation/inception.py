@@ -265,7 +265,7 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     if path.suffix == ".npz":
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
-    from diffusion_jax.evaluation import torch_pickle
+    from diffusion_jax.models.convert import torch_pickle
 
     return torch_pickle.load_state_dict(path)
 

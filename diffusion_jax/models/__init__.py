@@ -1,10 +1,12 @@
-"""Flax models: the U-Net, the KL autoencoder, CLIP's text encoder, and their construction
-from a config."""
+"""Flax models: the U-Net, the DiT, the KL autoencoder, CLIP's text encoder, and their
+construction from a config."""
 
 from diffusion_jax.models.autoencoder import AutoencoderKL, create_autoencoder
 from diffusion_jax.models.convert import from_diffusers, to_diffusers
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.factory import (
     abstract_params,
+    create_dit,
     create_model,
     create_text_encoder,
     create_unet,
@@ -16,9 +18,11 @@ from diffusion_jax.models.unet import UNet
 __all__ = [
     "AutoencoderKL",
     "CLIPTextEncoder",
+    "DiT",
     "UNet",
     "abstract_params",
     "create_autoencoder",
+    "create_dit",
     "create_model",
     "create_text_encoder",
     "create_unet",

@@ -1,9 +1,10 @@
 """Networks built from a run config, their example inputs, and their parameter shapes.
 
-`create_unet` / `create_model` build the denoising U-Net of `config.model`,
-`create_text_encoder` CLIP's text encoder of `config.text_encoder`; `init_inputs` gives the
-U-Net's example inputs and `abstract_params` the parameter shapes of any model for given
-example inputs, without allocating the parameters.
+`create_model` builds the denoising network of `config.model` (`create_unet` or
+`create_dit`, by model.arch), `create_text_encoder` CLIP's text encoder of
+`config.text_encoder`; `init_inputs` gives the denoiser's example inputs and
+`abstract_params` the parameter shapes of any model for given example inputs, without
+allocating the parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.config import model_input_shape
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.text_encoder import CLIPTextEncoder
 from diffusion_jax.models.unet import UNet
 
@@ -51,11 +53,39 @@ def create_unet(config) -> UNet:
     )
 
 
-def create_model(config) -> UNet:
-    """The denoising network described by `config.model` (the U-Net), whatever
+def create_dit(config) -> DiT:
+    """The DiT described by `config.model.dit` for the model input of `model_input_shape`.
+    `model.learn_sigma` doubles the output channels; the label table gets its null row when
+    training drops labels (training.cond_drop_prob > 0), as in the original."""
+    m, dt = config.model, config.model.dit
+    _, channels = model_input_shape(config)
+    return DiT(
+        patch_size=dt.patch_size,
+        hidden_size=dt.hidden_size,
+        depth=dt.depth,
+        num_heads=dt.num_heads,
+        mlp_ratio=dt.mlp_ratio,
+        out_channels=channels * (2 if m.learn_sigma else 1),
+        num_classes=config.data.num_classes if m.class_conditional else 0,
+        null_class=config.training.cond_drop_prob > 0,
+        per_block_embedders=dt.per_block_embedders,
+        freq_shift=dt.freq_shift,
+        mlp_norm_eps=dt.mlp_norm_eps,
+        dropout=m.dropout,
+        use_dot_product_attention=m.attention == "dot_product_attention",
+        remat=m.remat,
+        dtype=jnp.dtype(m.dtype),
+    )
+
+
+ARCHS = {"unet": create_unet, "dit": create_dit}
+
+
+def create_model(config) -> UNet | DiT:
+    """The denoising network of `config.model` (model.arch: the U-Net or the DiT), whatever
     training.objective says: the network of an autoencoder run is `create_autoencoder`, and
     `objectives.for_config` picks between the two."""
-    return create_unet(config)
+    return ARCHS[config.model.arch](config)
 
 
 def create_text_encoder(config) -> CLIPTextEncoder:
@@ -74,7 +104,7 @@ def create_text_encoder(config) -> CLIPTextEncoder:
 
 
 def init_inputs(config, batch: int = 1) -> tuple:
-    """Example positional inputs (x, t, labels) of the U-Net of `create_model(config)`, for
+    """Example positional inputs (x, t, labels) of the network of `create_model(config)`, for
     init and shape evaluation: x (B, S, S, C) zeros for (S, C) = `model_input_shape(config)`,
     t (B,) int32 zeros, labels (B,) int32 zeros for a class-conditional model, else None."""
     size, channels = model_input_shape(config)

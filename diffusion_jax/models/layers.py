@@ -16,9 +16,13 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-# Logical axis names on kernels; `parallel.py` maps them onto mesh axes.
+# Logical axis names on kernels; `parallel.py` maps them onto mesh axes. They decide only
+# where parameters live, never their names or values. The projections into and out of
+# attention heads and MLP hidden units carry "heads" / "mlp", which split over 'tensor'.
 CONV_AXES = ("conv_height", "conv_width", "embed_in", "embed_out")
 DENSE_AXES = ("embed_in", "embed_out")
+QKV_AXES, ATTN_OUT_AXES = ("embed", "heads"), ("heads", "embed")
+MLP_IN_AXES, MLP_OUT_AXES = ("embed", "mlp"), ("mlp", "embed")
 
 
 def default_init(scale: float = 1.0):
@@ -64,12 +68,19 @@ def conv(features, name, *, kernel=3, strides=1, padding="SAME", init_scale=1.0,
     )
 
 
-def dense(features, name, *, init_scale=1.0, dtype):
+def dense(features, name, *, init_scale=1.0, dtype, axes=DENSE_AXES, use_bias=True):
+    """nn.Dense with DDPM's initializer and logical `axes` on its kernel; a bias along "heads"
+    or "mlp" is named so too (it splits like the kernel's outputs)."""
+    bias_init = nn.initializers.zeros_init()
+    if axes[-1] in ("heads", "mlp"):
+        bias_init = nn.with_logical_partitioning(bias_init, axes[-1:])
     return nn.Dense(
         features,
+        use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(default_init(init_scale), DENSE_AXES),
+        kernel_init=nn.with_logical_partitioning(default_init(init_scale), axes),
+        bias_init=bias_init,
         name=name,
     )
 
@@ -168,10 +179,14 @@ class ResnetBlock(nn.Module):
 def multi_head_attention(q, k, v, use_dot_product_attention: bool = True, *, causal=False):
     """softmax(q k^T / sqrt(d)) v per head. q: (B, Lq, heads, d), k, v: (B, Lk, heads, d) ->
     (B, Lq, heads, d). `jax.nn.dot_product_attention` dispatches to a fused kernel on GPU;
-    the einsum form is the reference it is benchmarked against."""
+    the einsum form is the reference it is benchmarked against. Both take the logits and
+    the softmax in float32 (diffusers' upcast_attention, always on)."""
     if use_dot_product_attention:
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    # Logits in float32 whatever the activations' dtype, as dot_product_attention computes
+    # them (and diffusers' upcast_attention asks: Stable Diffusion 2.x overflows in float16).
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(q.shape[-1])
     if causal:
         mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
@@ -208,12 +223,14 @@ class AttentionBlock(nn.Module):
             h = group_norm("group_norm", groups=self.groups, eps=self.eps, dtype=self.dtype)(h)
         h = h.reshape(b, hgt * wid, c)
         q, k, v = (
-            dense(c, name, dtype=self.dtype)(h).reshape(b, hgt * wid, heads, c // heads)
+            dense(c, name, dtype=self.dtype, axes=QKV_AXES)(h).reshape(
+                b, hgt * wid, heads, c // heads
+            )
             for name in ("to_q", "to_k", "to_v")
         )
         a = multi_head_attention(q, k, v, self.use_dot_product_attention)
         a = a.reshape(b, hgt * wid, c)
-        out = dense(c, "to_out_0", init_scale=0.0, dtype=self.dtype)(a)
+        out = dense(c, "to_out_0", init_scale=0.0, dtype=self.dtype, axes=ATTN_OUT_AXES)(a)
         return x + out.reshape(b, hgt, wid, c)
 
 
@@ -262,19 +279,13 @@ class CrossAttention(nn.Module):
         heads, head_dim = self.num_heads, c // self.num_heads
 
         def project(name, inputs):
-            out = nn.Dense(
-                c,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.with_logical_partitioning(default_init(), DENSE_AXES),
-                name=name,
-            )(inputs)
+            out = dense(c, name, dtype=self.dtype, axes=QKV_AXES, use_bias=False)(inputs)
             return out.reshape(b, inputs.shape[1], heads, head_dim)
 
         q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
         a = multi_head_attention(q, k, v, self.use_dot_product_attention)
-        return dense(c, "to_out_0", dtype=self.dtype)(a.reshape(b, length, c))
+        out = dense(c, "to_out_0", dtype=self.dtype, axes=ATTN_OUT_AXES)
+        return out(a.reshape(b, length, c))
 
 
 class GEGLUFeedForward(nn.Module):
@@ -287,8 +298,12 @@ class GEGLUFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        h, gate = jnp.split(dense(2 * self.mult * c, "net_0.proj", dtype=self.dtype)(x), 2, -1)
-        return dense(c, "net_2", dtype=self.dtype)(h * nn.gelu(gate, approximate=False))
+        # One kernel holds both halves (diffusers' layout), so a 'tensor' split of its "mlp"
+        # dimension puts h and gate of a unit on different devices; XLA moves the gate.
+        proj = dense(2 * self.mult * c, "net_0.proj", dtype=self.dtype, axes=MLP_IN_AXES)
+        h, gate = jnp.split(proj(x), 2, -1)
+        out = dense(c, "net_2", dtype=self.dtype, axes=MLP_OUT_AXES)
+        return out(h * nn.gelu(gate, approximate=False))
 
 
 class TransformerBlock(nn.Module):

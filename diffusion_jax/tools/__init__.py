@@ -1,7 +1,8 @@
 """Command-line programs; the library modules they call keep no `main`.
 
-    python -m diffusion_jax.tools.convert DIFFUSERS_FOLDER OUT.msgpack
-        A diffusers UNet2DModel folder -> parameters + config for `--mode=sample|eval`.
+    python -m diffusion_jax.tools.convert SOURCE OUT.msgpack [VAE_FOLDER]
+        A diffusers UNet2DModel folder, a DiT (DiTPipeline folder, or the original
+        repository's .pt) -> parameters + config for `--mode=sample|eval`.
     python -m diffusion_jax.tools.reference_stats --config=configs/cifar10.py \\
         (--split=train | --folder=my_images/) --out=stats.npz \\
         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth

@@ -22,7 +22,7 @@ from diffusion_jax import config as config_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.encode import ensure_latents
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
-from diffusion_jax.run import run_keys, setup_run
+from diffusion_jax.run import ema_gammas, run_keys, setup_run
 from diffusion_jax.training import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,34 @@ def check_resumable_config(config, workdir: Path) -> None:
     new = json.loads(config.to_json_best_effort())
     for section in STRUCTURAL_SECTIONS:
         for key, value in new[section].items():
+            if section == "model" and key == "dit" and new["model"].get("arch", "unet") != "dit":
+                continue  # a U-Net's run does not depend on the DiT's fields
             if old.get(section, {}).get(key, value) != value:
                 raise config_lib.ConfigError(
                     f"config.{section}.{key}: {value!r} differs from {old[section][key]!r} in "
                     f"{path}; use a new --workdir or pass "
                     "--config.training.allow_config_change=True"
                 )
+    # The power-function EMAs of a checkpoint are profiles of these widths: other widths
+    # would go on averaging them with the wrong exponents.
+    widths, old_widths = new["optim"]["ema_sigma_rels"], old["optim"].get("ema_sigma_rels", [])
+    if list(widths) != list(old_widths):
+        raise config_lib.ConfigError(
+            f"config.optim.ema_sigma_rels: {tuple(widths)} differs from {tuple(old_widths)} in "
+            f"{path}; the checkpoints track those widths (--mode=posthoc_ema rebuilds others): "
+            "use a new --workdir to track other ones"
+        )
+
+
+def open_snapshots(workdir: Path, start: int) -> checkpointing.Saver:
+    """The writer of <workdir>/ema_snapshots/, keeping every snapshot. Snapshots after the
+    resumed step are a killed run's: they go, and are written again (identically)."""
+    manager = checkpointing.make_manager(
+        workdir, max_to_keep=None, folder=checkpointing.EMA_SNAPSHOTS
+    )
+    for stale in [s for s in manager.all_steps() if s > start]:
+        manager.delete(stale)
+    return checkpointing.Saver(manager)
 
 
 def write_config(config, workdir: Path) -> None:
@@ -94,11 +116,12 @@ def compile_and_plan_memory(run, state, train_key):
         )
         log.info(
             "train step: compiled in %.1fs; %.1f MiB per device (%.1f MiB state and "
-            "batch, %.1f MiB temporaries)",
+            "batch, %.1f MiB temporaries) on mesh %s",
             time.perf_counter() - t0,
             needed / 2**20,
             analysis.argument_size_in_bytes / 2**20,
             analysis.temp_size_in_bytes / 2**20,
+            parallel.describe(run.mesh),
         )
         device = jax.local_devices()[0]
         stats = device.memory_stats() or {}
@@ -106,9 +129,10 @@ def compile_and_plan_memory(run, state, train_key):
         if limit and needed > limit:
             raise config_lib.ConfigError(
                 f"config.training.batch_size: the train step needs {needed / GIB:.2f} GiB per "
-                f"device but {device.device_kind} has {limit / GIB:.2f} GiB; "
-                "lower training.batch_size, raise training.grad_accum or mesh.fsdp, or set "
-                "model.remat=True / model.dtype=bfloat16"
+                f"device on mesh {parallel.describe(run.mesh)} but {device.device_kind} has "
+                f"{limit / GIB:.2f} GiB; "
+                "lower training.batch_size, raise training.grad_accum, mesh.fsdp or "
+                "mesh.tensor, or set model.remat=True / model.dtype=bfloat16"
             )
     return compiled
 
@@ -216,12 +240,22 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     # One row per step in metrics.jsonl: the rows a killed run logged after `start` go.
     writer = metrics_io.MetricWriter(workdir, resume_step=start)
     saver = checkpointing.Saver(manager)
+    snapshots = open_snapshots(workdir, start) if t_cfg.ema_snapshot_every else None
     config_json = config.to_json_best_effort()
     progress = metrics_io.Progress(t_cfg.num_steps, start, unit="steps")
 
     def save(step):
         meta = {"data_position": step, "step": step, "config": json.loads(config_json)}
         saver.save(step, state, meta)
+
+    def save_snapshot(step):
+        meta = {
+            "step": step,
+            "t": int(state.num_updates),
+            "sigma_rels": list(config.optim.ema_sigma_rels),
+            "gammas": list(ema_gammas(config)),
+        }
+        snapshots.save(step, state.power_emas, meta)
 
     @contextlib.contextmanager
     def off_the_clock():
@@ -289,8 +323,13 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
             picture = due(step, t_cfg.sample_every) or last
             checkpoint = due(step, t_cfg.ckpt_every) or last
             evaluation = due(step, t_cfg.eval_every)
-            if picture or checkpoint or evaluation:
+            snapshot = snapshots is not None and (due(step, t_cfg.ema_snapshot_every) or last)
+            if snapshots is not None:
+                snapshots.poll()
+            if picture or checkpoint or evaluation or snapshot:
                 with off_the_clock():
+                    if snapshot:
+                        save_snapshot(step)
                     if picture:
                         key = jax.random.fold_in(sample_key, step)
                         run.objective.picture(run, state.ema_params, key, workdir, step)
@@ -305,6 +344,8 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
         # Still inside: a second signal while the last save is written aborts at once.
         t0 = time.perf_counter()
         saver.close()
+        if snapshots is not None:
+            snapshots.close()
     writer.close()
     log.info("checkpoints written (waited %.1fs)", time.perf_counter() - t0)
     if preemption.requested:

@@ -18,6 +18,8 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: the optax state of `make_optimizer`.
     skipped_steps: int32 scalar, updates skipped because the loss or gradient was not finite.
     consecutive_skips: int32 scalar, skips since the last good update.
+    power_emas: one parameter pytree per power-function EMA profile of
+        optim.ema_sigma_rels (EDM2), sharded like the parameters; () when none is tracked.
     """
 
     step: jax.Array
@@ -26,9 +28,12 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
     skipped_steps: jax.Array
     consecutive_skips: jax.Array
+    power_emas: tuple = ()
 
     @classmethod
-    def create(cls, params, optimizer: optax.GradientTransformation) -> TrainState:
+    def create(
+        cls, params, optimizer: optax.GradientTransformation, num_power_emas: int = 0
+    ) -> TrainState:
         zero = jnp.zeros((), jnp.int32)
         return cls(
             step=zero,
@@ -37,7 +42,13 @@ class TrainState(flax.struct.PyTreeNode):
             opt_state=optimizer.init(params),
             skipped_steps=zero,
             consecutive_skips=zero,
+            power_emas=tuple(jax.tree.map(jnp.copy, params) for _ in range(num_power_emas)),
         )
+
+    @property
+    def num_updates(self) -> jax.Array:
+        """Updates applied so far: the time t of the power-function EMAs."""
+        return self.step - self.skipped_steps
 
 
 def learning_rate_schedule(optim, num_steps: int) -> optax.Schedule:

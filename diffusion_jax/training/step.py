@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel
 from diffusion_jax.training.state import TrainState, ema_decay_at, ema_update
 
@@ -69,8 +70,14 @@ def train_step(
     grad_accum: int,
     ema_decay: float,
     ema_warmup: bool,
+    ema_gammas: tuple[float, ...] = (),
 ):
     """One update: loss, gradient (accumulated), clipping + Adam, EMA; skipped if not finite.
+
+    `ema_gammas`: the exponents of the power-function EMAs in `state.power_emas`, updated
+    with beta_t = (1 - 1/t)^(gamma + 1) at update t (`diffusion.ema`); like the exponential
+    EMA, each is an elementwise update of arrays sharded like the parameters, so it adds no
+    communication.
 
     `objective` (`objectives.Objective`) draws the step's inputs and gives the loss of
     `model`. The step's key is fold_in(train_key, state.step): no key is carried in the
@@ -92,20 +99,27 @@ def train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
 
-    def apply_update(params, ema_params, opt_state):
+    t = state.num_updates + 1  # this update's time, if it is applied
+
+    def apply_update(params, ema_params, opt_state, power_emas):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, ema_update(ema_params, params, decay), opt_state
+        power_emas = tuple(
+            ema_update(profile, params, dm.power_ema_beta(t, gamma))
+            for profile, gamma in zip(power_emas, ema_gammas, strict=True)
+        )
+        return params, ema_update(ema_params, params, decay), opt_state, power_emas
 
     # A cond rather than a select per leaf: a skipped step reads nothing, a taken one does
     # not read and write every parameter, EMA and moment a second time.
-    params, ema_params, opt_state = jax.lax.cond(
+    params, ema_params, opt_state, power_emas = jax.lax.cond(
         finite,
         apply_update,
         lambda *old: old,
         state.params,
         state.ema_params,
         state.opt_state,
+        state.power_emas,
     )
     skipped = (~finite).astype(jnp.int32)
     new_state = state.replace(
@@ -113,6 +127,7 @@ def train_step(
         params=params,
         ema_params=ema_params,
         opt_state=opt_state,
+        power_emas=power_emas,
         skipped_steps=state.skipped_steps + skipped,
         consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
     )

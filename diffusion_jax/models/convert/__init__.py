@@ -1,26 +1,37 @@
-"""Import and export of weights in the diffusers / transformers layouts.
+"""Import and export of weights in the diffusers / transformers layouts, and of the original
+DiT repository's `.pt` files.
 
 A diffusers folder holds `config.json` and `diffusion_pytorch_model.safetensors` (and, for a
 pipeline, `scheduler_config.json` beside it or in `../scheduler/`). The published DDPM
 checkpoints (google/ddpm-cifar10-32, ddpm-celebahq-256, ddpm-church-256, ddpm-bedroom-256)
 are UNet2DModels; Stable Diffusion's `unet/` is a UNet2DConditionModel, its `vae/` an
 AutoencoderKL and its `text_encoder/` a transformers CLIPTextModel (`model.safetensors`).
-Tensors are read with safetensors' NumPy API: no torch at run time.
+A DiTPipeline folder (facebook/DiT-XL-2-256) holds `transformer/` (a
+DiTTransformer2DModel), `vae/` and `scheduler/`. Tensors are read with safetensors' NumPy
+API, `.pt` / `.pth` files with a restricted unpickler: no torch at run time.
 
     layout.py        tensor names and the Flax <-> torch layouts, shared by every family
     unet.py          UNet2DModel / UNet2DConditionModel <-> the U-Net (from_diffusers)
     autoencoder.py   AutoencoderKL <-> the KL autoencoder
     text_encoder.py  transformers' CLIPTextModel <-> CLIP's text encoder
-    pipeline.py      a Stable Diffusion pipeline folder: all three at once (from_pipeline)
+    pipeline.py      a Stable Diffusion pipeline folder: all three at once (from_pipeline,
+                     to_pipeline)
+    scheduler.py     scheduler_config.json <-> the sampling settings (as diffusers reads it)
+    dit.py           DiTTransformer2DModel / DiTPipeline and the original DiT .pt <-> the DiT
+    torch_pickle.py  PyTorch .pt / .pth files read into NumPy without torch
 
 The command-line converter is `diffusion_jax.tools.convert`.
 """
 
+from diffusion_jax.models.convert import torch_pickle
 from diffusion_jax.models.convert.autoencoder import (
     autoencoder_fields_from_diffusers,
     autoencoder_from_diffusers,
     autoencoder_to_diffusers,
 )
+from diffusion_jax.models.convert.dit import from_diffusers as dit_from_diffusers
+from diffusion_jax.models.convert.dit import from_original as dit_from_original
+from diffusion_jax.models.convert.dit import to_diffusers as dit_to_diffusers
 from diffusion_jax.models.convert.layout import (
     LEGACY_ATTENTION,
     WEIGHTS_FILE,
@@ -30,7 +41,17 @@ from diffusion_jax.models.convert.layout import (
     to_torch_layout,
     torch_tensors,
 )
-from diffusion_jax.models.convert.pipeline import from_pipeline
+from diffusion_jax.models.convert.pipeline import (
+    describe_pipeline,
+    finetune_config,
+    from_pipeline,
+    to_pipeline,
+)
+from diffusion_jax.models.convert.scheduler import (
+    read_scheduler_config,
+    sampling_from_scheduler,
+    scheduler_config,
+)
 from diffusion_jax.models.convert.text_encoder import (
     TEXT_ENCODER_FILE,
     TEXT_PREFIX,
@@ -61,17 +82,27 @@ __all__ = [
     "autoencoder_from_diffusers",
     "autoencoder_to_diffusers",
     "diffusers_config",
+    "describe_pipeline",
     "diffusers_name",
+    "dit_from_diffusers",
+    "dit_from_original",
+    "dit_to_diffusers",
+    "finetune_config",
     "from_diffusers",
     "from_pipeline",
     "from_torch_layout",
     "match_tensors",
     "model_config_from_diffusers",
     "params_from_tensors",
+    "read_scheduler_config",
+    "sampling_from_scheduler",
+    "scheduler_config",
     "text_encoder_fields",
     "text_encoder_from_transformers",
     "text_encoder_to_transformers",
     "to_diffusers",
+    "to_pipeline",
     "to_torch_layout",
+    "torch_pickle",
     "torch_tensors",
 ]

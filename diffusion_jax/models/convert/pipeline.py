@@ -1,32 +1,113 @@
 """A whole Stable Diffusion style diffusers pipeline folder: its U-Net, VAE and text encoder
-together, with one config describing them."""
+together, with one config describing them; a run fine-tuned from one, and its export back
+to a pipeline folder."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import ml_collections
+from safetensors.numpy import save_file
 
+from diffusion_jax import config as config_lib
 from diffusion_jax.models.autoencoder import downsampling_factor
-from diffusion_jax.models.convert import autoencoder, layout, text_encoder, unet
+from diffusion_jax.models.convert import autoencoder, layout, scheduler, text_encoder, unet
+
+# Fields of the model section a fine-tuning run keeps from its own config: how it computes,
+# not what the network is.
+RUN_MODEL_FIELDS = ("dtype", "remat", "attention", "dropout")
+# Fields of the diffusion section a pipeline folder describes (the rest is the training loss).
+SCHEDULE_FIELDS = ("schedule", "num_timesteps", "beta_start", "beta_end", "prediction", "variance")
+
+
+def _read_config(path: Path, what: str) -> dict:
+    return json.loads(layout.require_file(path, what).read_text())
+
+
+def describe_pipeline(folder) -> ml_collections.ConfigDict:
+    """The config of a pipeline folder, from its config.json files alone (no weights): model
+    and diffusion (unet/, scheduler/), autoencoder (vae/), text_encoder (text_encoder/), and
+    data.image_size, the decoded image size (the U-Net works on the VAE's latents)."""
+    folder = Path(folder)
+    layout.require_file(folder / "model_index.json", "a diffusers pipeline folder?")
+    config = unet.model_config_from_diffusers(
+        _read_config(folder / "unet" / "config.json", "a UNet2DConditionModel folder?"),
+        layout.read_json(folder / "scheduler" / "scheduler_config.json"),
+    )
+    ae_fields = autoencoder.autoencoder_fields_from_diffusers(
+        _read_config(folder / "vae" / "config.json", "an AutoencoderKL folder?")
+    )
+    te_fields = text_encoder.text_encoder_fields(
+        _read_config(folder / "text_encoder" / "config.json", "a CLIPTextModel folder?")
+    )
+    config.data.image_size *= downsampling_factor(ae_fields["ch_mult"])
+    config.data.channels = ae_fields.pop("image_channels")
+    config.autoencoder.update(ae_fields)
+    config.text_encoder.update(te_fields)
+    config.pretrained = str(folder)
+    return config
 
 
 def from_pipeline(folder) -> tuple[dict, ml_collections.ConfigDict]:
     """A Stable Diffusion style pipeline folder (unet/, vae/, text_encoder/, scheduler/) as
     ({"unet", "autoencoder", "text_encoder"} params, a config whose model, diffusion,
-    autoencoder and text_encoder sections describe it). The U-Net works on latents of the
-    VAE; data.image_size is the decoded image size."""
+    autoencoder and text_encoder sections describe it, `describe_pipeline`)."""
     folder = Path(folder)
-    layout.require_file(folder / "model_index.json", "a diffusers pipeline folder?")
-    unet_params, config = unet.from_diffusers(folder / "unet")
-    vae, ae_fields = autoencoder.autoencoder_from_diffusers(folder / "vae")
-    text, te_fields = text_encoder.text_encoder_from_transformers(folder / "text_encoder")
-    # The U-Net's config.json gives the latent size; the data section describes images.
-    latent_size = config.data.image_size
-    config.data.image_size = latent_size * downsampling_factor(ae_fields["ch_mult"])
-    config.data.channels = ae_fields.pop("image_channels")
-    config.autoencoder.update(ae_fields)
-    config.text_encoder.update(te_fields)
-    config.pretrained = str(folder)
-    config.sampling.clip_denoised = False
+    config = describe_pipeline(folder)
+    unet_params, _ = unet.from_diffusers(folder / "unet")
+    vae, _ = autoencoder.autoencoder_from_diffusers(folder / "vae")
+    text, _ = text_encoder.text_encoder_from_transformers(folder / "text_encoder")
     return {"unet": unet_params, "autoencoder": vae, "text_encoder": text}, config
+
+
+def finetune_config(config) -> ml_collections.ConfigDict:
+    """`config` as a run fine-tuned from the pipeline folder training.init_from (unchanged
+    without one): the folder describes the network (model, except how it computes:
+    RUN_MODEL_FIELDS), the schedule (SCHEDULE_FIELDS), the autoencoder and the text encoder,
+    and the image size (the pipeline's resolution; images are cropped and resized to it);
+    autoencoder.weights is its vae/ and text_encoder.weights the folder, which encode the
+    images and their captions once (--mode=encode); the sampling fields left unset follow
+    its scheduler config. Everything else stays the config's."""
+    source = config.training.init_from
+    if not source:
+        return config
+    found = describe_pipeline(source)
+    merged = ml_collections.ConfigDict(config.to_dict())
+    model = ml_collections.ConfigDict(found.model.to_dict())
+    for key in RUN_MODEL_FIELDS:
+        model[key] = config.model[key]
+    model.context_length = found.text_encoder.max_length
+    merged.model = model
+    for key in SCHEDULE_FIELDS:
+        merged.diffusion[key] = found.diffusion[key]
+    merged.autoencoder = ml_collections.ConfigDict(
+        {**config.autoencoder.to_dict(), **found.autoencoder.to_dict()}
+    )
+    merged.autoencoder.weights = str(Path(source) / "vae")
+    merged.text_encoder = ml_collections.ConfigDict(found.text_encoder.to_dict())
+    merged.text_encoder.weights = str(source)
+    merged.data.image_size, merged.data.channels = found.data.image_size, found.data.channels
+    # Pictures, evaluation and samples follow the folder's scheduler rules, as it would.
+    implied = scheduler.sampling_from_scheduler(
+        scheduler.read_scheduler_config(source), config.sampling.sampler
+    )
+    merged.sampling = config_lib.resolved_sampling(merged, implied)
+    return merged
+
+
+def to_pipeline(unet_params, folder, source) -> Path:
+    """Writes a diffusers pipeline folder: the pipeline folder `source` with its U-Net's
+    weights replaced by `unet_params` (unet/config.json as the source has it: fine-tuning
+    changes no architecture). Returns `folder`."""
+    folder, source = Path(folder), Path(source)
+    layout.require_file(source / "model_index.json", "a diffusers pipeline folder?")
+    if folder.exists():
+        shutil.rmtree(folder)
+    # Every other component (vae/, text_encoder/, tokenizer/, scheduler/, ...) as it was.
+    shutil.copytree(source, folder, ignore=lambda d, names: ["unet"] if Path(d) == source else [])
+    (folder / "unet").mkdir()
+    shutil.copy2(source / "unet" / "config.json", folder / "unet" / "config.json")
+    save_file(layout.torch_tensors(unet_params), str(folder / "unet" / layout.WEIGHTS_FILE))
+    return folder

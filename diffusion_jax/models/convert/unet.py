@@ -107,29 +107,35 @@ def model_config_from_diffusers(cfg: dict, scheduler: dict | None = None):
     if m.learn_sigma:
         f.variance = "learned_range"
     if scheduler:
-        names = {
-            "linear": "linear",
-            "scaled_linear": "scaled_linear",
-            "squaredcos_cap_v2": "cosine",
-            "sigmoid": "sigmoid",
-        }
-        f.schedule = names[scheduler.get("beta_schedule", "linear")]
-        f.num_timesteps = int(scheduler.get("num_train_timesteps", 1000))
-        if f.schedule in ("linear", "scaled_linear"):
-            f.beta_start = float(scheduler.get("beta_start", 1e-4))
-            f.beta_end = float(scheduler.get("beta_end", 0.02))
-        f.prediction = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[
-            scheduler.get("prediction_type", "epsilon")
-        ]
-        variance = scheduler.get("variance_type", "fixed_small")
-        f.variance = {
-            "fixed_small": "fixed_small",
-            "fixed_small_log": "fixed_small",
-            "fixed_large": "fixed_large",
-            "fixed_large_log": "fixed_large",
-            "learned_range": "learned_range",
-        }.get(variance, f.variance)
+        diffusion_from_scheduler(f, scheduler)
     return config
+
+
+def diffusion_from_scheduler(f, scheduler: dict) -> None:
+    """Sets config.diffusion `f` from a diffusers scheduler_config.json: the betas, the
+    number of steps, the prediction and (when the scheduler names one) the variance."""
+    names = {
+        "linear": "linear",
+        "scaled_linear": "scaled_linear",
+        "squaredcos_cap_v2": "cosine",
+        "sigmoid": "sigmoid",
+    }
+    f.schedule = names[scheduler.get("beta_schedule", "linear")]
+    f.num_timesteps = int(scheduler.get("num_train_timesteps", 1000))
+    if f.schedule in ("linear", "scaled_linear"):
+        f.beta_start = float(scheduler.get("beta_start", 1e-4))
+        f.beta_end = float(scheduler.get("beta_end", 0.02))
+    f.prediction = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[
+        scheduler.get("prediction_type", "epsilon")
+    ]
+    variance = scheduler.get("variance_type", "fixed_small")
+    f.variance = {
+        "fixed_small": "fixed_small",
+        "fixed_small_log": "fixed_small",
+        "fixed_large": "fixed_large",
+        "fixed_large_log": "fixed_large",
+        "learned_range": "learned_range",
+    }.get(variance, f.variance)
 
 
 def _condition_model_fields(cfg: dict, m, boc, require) -> None:
@@ -151,6 +157,8 @@ def _condition_model_fields(cfg: dict, m, boc, require) -> None:
     m.context_source = "text"
     m.transformer_depth = depth
     m.linear_projection = bool(cfg.get("use_linear_projection", False))
+    # upcast_attention (2.x) needs nothing: attention logits and softmax are float32 here
+    # whatever model.dtype (`layers.multi_head_attention`).
     if len(set(heads)) == 1:
         m.num_heads, m.head_channels = int(heads[0]), -1
     else:
@@ -226,6 +234,8 @@ def diffusers_config(config) -> dict:
             cross_attention_dim=m.context_dim,
             transformer_layers_per_block=m.transformer_depth,
             use_linear_projection=m.linear_projection,
+            # What this U-Net computes in any dtype; diffusers in float16 needs it for 2.x.
+            upcast_attention=True,
             attention_head_dim=m.num_heads
             if m.head_channels <= 0
             else [c // m.head_channels for c in boc],

@@ -1,10 +1,15 @@
-"""Reads PyTorch `.pth` state dicts into NumPy, without torch: the zip format of torch >= 1.6
+"""Reads PyTorch `.pth` / `.pt` files into NumPy, without torch: the zip format of torch >= 1.6
 and the older sequential ("legacy") format that files published before 2020 use.
 
+`load_state_dict` reads a flat state dict ({name: tensor}); `load` any nesting of dicts,
+lists and tuples around tensors and plain values, such as a training checkpoint
+({"model": ..., "ema": ..., "opt": ..., "args": argparse.Namespace}).
+
 The pickle inside names classes to rebuild; a restricted unpickler accepts only the handful
-that describe tensors and ordered dicts and refuses anything else, so a crafted file cannot
-run code. Storages are read from the zip members the pickle points to, or, in the legacy
-format, from the raw blocks that follow the pickles.
+that describe tensors, ordered dicts and argparse namespaces (rebuilt as a `Namespace` of
+plain attributes) and refuses anything else, so a crafted file cannot run code. Storages
+are read from the zip members the pickle points to, or, in the legacy format, from the raw
+blocks that follow the pickles.
 """
 
 from __future__ import annotations
@@ -61,6 +66,13 @@ def _rebuild_tensor_v2(
     ).copy()
 
 
+class Namespace:
+    """What an argparse.Namespace in a checkpoint is rebuilt as: its attributes, nothing else."""
+
+    def __repr__(self):
+        return f"Namespace({vars(self)})"
+
+
 class _StorageType:
     def __init__(self, name: str):
         self.dtype = STORAGE_DTYPES[name]
@@ -77,6 +89,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
+        if (module, name) == ("argparse", "Namespace"):
+            return Namespace
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor_v2
         if module == "torch" and name in STORAGE_DTYPES:
@@ -100,6 +114,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
     """{name: array} of a torch-saved state dict, zip or legacy format."""
+    state = load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return {k: np.asarray(v) for k, v in state.items()}
+
+
+def load(path):
+    """The object a torch file holds, its tensors as NumPy arrays, zip or legacy format."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         return _load_legacy(path)
@@ -109,13 +131,23 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: no data.pkl inside; not a torch checkpoint")
         prefix = pkl[: -len("data.pkl")]
         with archive.open(pkl) as f:
-            state = _RestrictedUnpickler(f, archive, prefix).load()
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return {k: np.asarray(v) for k, v in state.items()}
+            return _RestrictedUnpickler(f, archive, prefix).load()
 
 
-def _load_legacy(path: Path) -> dict[str, np.ndarray]:
+def _materialize(obj):
+    """Legacy-format tensors, wherever they sit in the object, read from their storages."""
+    if isinstance(obj, _LazyTensor):
+        return obj.materialize()
+    if isinstance(obj, dict):
+        return type(obj)((k, _materialize(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_materialize(v) for v in obj)
+    if isinstance(obj, Namespace):
+        vars(obj).update({k: _materialize(v) for k, v in vars(obj).items()})
+    return obj
+
+
+def _load_legacy(path: Path):
     """The sequential format: magic, protocol, sys_info and object pickles, the storage keys,
     then each storage as an int64 element count and its raw little-endian bytes."""
     with open(path, "rb") as f:
@@ -132,9 +164,4 @@ def _load_legacy(path: Path) -> dict[str, np.ndarray]:
             (numel,) = struct.unpack("<q", f.read(8))
             data = f.read(numel * storage.dtype.itemsize)
             storage.array = np.frombuffer(data, dtype=storage.dtype, count=numel)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return {
-        k: np.asarray(v.materialize() if isinstance(v, _LazyTensor) else v)
-        for k, v in state.items()
-    }
+    return _materialize(state)
