@@ -19,7 +19,7 @@ Euler in 30.
 """
 
 from diffusion_jax.config import base_config
-from diffusion_jax.recipes import parse_arg
+from diffusion_jax.recipes import parse_arg, text_to_image_sampling
 
 
 def get_config(arg: str = ""):
@@ -38,14 +38,5 @@ def get_config(arg: str = ""):
     f = c.diffusion
     f.schedule, f.beta_start, f.beta_end, f.prediction = "scaled_linear", 0.00085, 0.012, "v"
 
-    s = c.sampling
-    s.sampler, s.num_steps, s.eta = "ddim", 50, 0.0
-    s.guidance_scale = 7.5
-    s.num_samples, s.batch_size = 4, 4
-    s.prompt = "a photograph of an astronaut riding a horse"
-    s.negative_prompt = ""
-    if "dpm" in options:
-        s.sampler, s.num_steps = "dpm_solver++", 25
-    if "euler" in options:
-        s.sampler, s.num_steps = "euler", 30
+    text_to_image_sampling(c, options)
     return c

@@ -21,6 +21,9 @@ from diffusion_jax import metrics_io, parallel
 
 log = logging.getLogger(__name__)
 
+# Images in the picture of the reverse process: only their x0 predictions are kept.
+REVERSE_PROCESS_ROWS = 8
+
 
 def make_sample_fn(
     model, sched, config, mesh, *, return_x0_at=None, decoder=None, null_context=None
@@ -33,8 +36,8 @@ def make_sample_fn(
     size. x_T (B, h, w, c), the starting noise, is drawn from `key` when not given.
     `decoder` = (decode_fn, decoder_params) turns latents into images (latent diffusion).
     `null_context` (1, M, D) | None is the unconditional context of guidance for text models
-    (zeros when None); with `return_x0_at`, fn returns (images, x0 predictions at those
-    steps (K, B, H, W, C)).
+    (zeros when None); with `return_x0_at`, fn returns (images, the x0 predictions of the
+    first REVERSE_PROCESS_ROWS images at those steps (K, rows, H, W, C)).
     """
     s = config.sampling
     guidance = s.guidance_scale if s.guidance_scale >= 0 else None
@@ -63,6 +66,7 @@ def make_sample_fn(
             labels=cond,
             guidance_scale=guidance if cond is not None else None,
             return_x0_at=return_x0_at,
+            return_x0_rows=REVERSE_PROCESS_ROWS,
             **config_lib.sample_arguments(config),
         )
         if decode_fn is None:
@@ -130,7 +134,7 @@ def reverse_process_steps(config, frames: int = 8) -> tuple[int, ...]:
     return tuple(sorted({round(i * (steps - 1) / (frames - 1)) for i in range(frames)}))
 
 
-def save_reverse_process(path, trajectory, num_images: int = 8) -> None:
+def save_reverse_process(path, trajectory, num_images: int = REVERSE_PROCESS_ROWS) -> None:
     """One row per image, one column per frame: x0 predictions (K, B, H, W, C) as sampling
     goes, of the first `num_images` images."""
     trajectory = np.asarray(trajectory)[:, :num_images]

@@ -118,6 +118,13 @@ def test_trajectory_of_x0_predictions():
     # The first x0 prediction from pure noise is near the data mean; the last is the output.
     assert abs(float(traj[0].mean()) - MU) < 0.05
     np.testing.assert_allclose(traj[-1], x, atol=1e-6)
+    # Kept for the first rows only, the predictions are those rows of the whole batch's.
+    for sampler in ("ddim", "heun"):
+        kw = dict(shape=(8, 2, 2, 1), sampler=sampler, num_steps=10, return_x0_at=(0, 4, 9))
+        _, full = dm.sample(oracle(sched), sched, jax.random.key(1), **kw)
+        _, rows = dm.sample(oracle(sched), sched, jax.random.key(1), return_x0_rows=3, **kw)
+        assert rows.shape == (3, 3, 2, 2, 1)
+        np.testing.assert_allclose(rows, full[:, :3], atol=1e-6)
 
 
 def test_respaced_timesteps():

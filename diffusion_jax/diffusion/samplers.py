@@ -406,6 +406,7 @@ class _Context:
         "variance",
         "clip_denoised",
         "return_x0_at",
+        "return_x0_rows",
         "options",
     ),
 )
@@ -424,6 +425,7 @@ def _sample(
     variance,
     clip_denoised,
     return_x0_at,
+    return_x0_rows,
     options,
 ):
     ctx = _Context(
@@ -441,7 +443,17 @@ def _sample(
     )
     spec = SAMPLERS[sampler]
     step = functools.partial(spec.step, ctx)
-    carry, pred_x0 = jax.lax.scan(step, spec.init(ctx, x_T), jnp.arange(ctx.num_steps))
+
+    def body(carry, i):
+        carry, pred = step(carry, i)
+        if return_x0_at is None:
+            return carry, None  # no (steps, B, ...) stack of predictions to keep
+        if return_x0_rows is not None:  # the picture's few images, not the whole batch
+            rows = min(return_x0_rows, pred.shape[-4])
+            pred = jax.lax.slice_in_dim(pred, 0, rows, axis=pred.ndim - 4)
+        return carry, pred
+
+    carry, pred_x0 = jax.lax.scan(body, spec.init(ctx, x_T), jnp.arange(ctx.num_steps))
     x = carry[0]
     if return_x0_at is None:
         return x
@@ -547,6 +559,7 @@ def sample(
     labels=None,
     guidance_scale=None,
     return_x0_at=None,
+    return_x0_rows: int | None = None,
     unipc_variant: str = "bh2",
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
@@ -588,6 +601,8 @@ def sample(
       return_x0_at: indices of network evaluations (0..nfe - 1: the steps, or Heun's two
         evaluations per step in order) whose x0 predictions to also return; the last is the
         output, and an index past it stands for it.
+      return_x0_rows: keep those predictions for the first this many images only (the
+        scan stacks (nfe, rows, H, W, C) instead of (nfe, B, H, W, C)); None: all.
       unipc_variant: "bh2" (B(h) = e^h - 1, diffusers' default) or "bh1" (B(h) = h).
       s_churn, s_tmin, s_tmax, s_noise: EDM's stochastic churn (Algorithm 2) for euler and
         heun; the defaults (EDM's code) add no noise.
@@ -608,7 +623,7 @@ def sample(
       conventions: "project" or "diffusers": the per-scheduler habits of `Conventions`.
 
     Returns:
-      x_0 (B, H, W, C), or (x_0, x0_predictions (len(return_x0_at), B, H, W, C)).
+      x_0 (B, H, W, C), or (x_0, x0_predictions (len(return_x0_at), rows, H, W, C)).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampling.sampler {sampler!r}; choose one of {tuple(SAMPLERS)}")
@@ -682,6 +697,7 @@ def sample(
         variance=variance,
         clip_denoised=clip_denoised,
         return_x0_at=return_x0_at,
+        return_x0_rows=return_x0_rows,
         options=_Options(
             unipc_variant,
             float(s_churn),
