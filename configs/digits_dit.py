@@ -19,7 +19,7 @@ from diffusion_jax.recipes import digits_recipe, parse_arg, smoke
 
 
 def get_config(arg: str = ""):
-    options = parse_arg(arg, allowed=("cond", "smoke"))
+    options = parse_arg(arg, allowed=("cond", "uncond", "smoke"))
     c = base_config()
     m = c.model
     m.arch = "dit"

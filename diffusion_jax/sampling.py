@@ -41,6 +41,8 @@ def make_sample_fn(
     """
     s = config.sampling
     guidance = s.guidance_scale if s.guidance_scale >= 0 else None
+    if guidance == 1.0:
+        guidance = None  # w = 1 is the conditional model: one network evaluation, not two
     size, channels = config_lib.model_input_shape(config)
     text = config_lib.is_text_conditioned(config)
     decode_fn, decoder_params = decoder if decoder is not None else (None, None)

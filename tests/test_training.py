@@ -14,7 +14,7 @@ from helpers import override, tiny_config
 from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel
 from diffusion_jax.objectives import draw_step_inputs
-from diffusion_jax.run import run_keys, setup_run
+from diffusion_jax.run import ema_gammas, run_keys, setup_run
 from diffusion_jax.training import loop
 from diffusion_jax.training import state as state_lib
 
@@ -144,6 +144,7 @@ def test_step_compiles_once():
             grad_accum=config.training.grad_accum,
             ema_decay=config.optim.ema_decay,
             ema_warmup=config.optim.ema_warmup,
+            ema_gammas=ema_gammas(config),
         ),
         donate_argnums=(0,),
     )
