@@ -339,18 +339,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
         )
     if "power_emas" not in stored:  # written before power-function EMAs existed
         item = {k: v for k, v in vars(abstract_state).items() if k != "power_emas"}
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=_restore_args(item)),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
-    state = restored.state
+    state, meta = restore_tree(manager, step, item)
     if isinstance(state, dict):
         state = abstract_state.replace(**state)
     log.info("checkpoint: restored step %d from %s", step, manager.directory)
-    return state, restored.meta
+    return state, meta
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
@@ -392,7 +385,7 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore_tree(manager: ocp.CheckpointManager, step: int, abstract_tree):
-    """(tree, meta) of `step` of a manager whose "state" item is any pytree (the EMA
+    """(tree, meta) of `step`: its "state" item, any pytree (a TrainState, the EMA
     snapshots), each array placed with the sharding in `abstract_tree`."""
     restored = manager.restore(
         step,

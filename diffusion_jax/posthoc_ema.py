@@ -14,6 +14,7 @@ writes the EMA-length curve posthoc_ema/curve_step_<N>.json and .png.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -61,7 +62,7 @@ def combine(manager, metas, weights: np.ndarray, run) -> list:
     one snapshot and one sum per column."""
     abstract = run.abstract_state.params
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0)  # the sums are updated in place
     def accumulate(sums, profile, w):
         return tuple(
             jax.tree.map(lambda s, p, wj=wj: s + wj * p, total, profile)
