@@ -19,9 +19,11 @@ same sharded step, EMA and checkpoints as every run. The export writes
 StableDiffusionPipeline.from_pretrained loads (and `--config=configs/sd15_sample.py
 --config.pretrained=<that folder>` samples). Settings follow diffusers'
 train_text_to_image.py: AdamW at 1e-5 with weight decay 1e-2, no warm-up, gradient clipping
-at 1, EMA 0.9999, no caption dropout (the pipeline's unconditional context is the empty
-prompt's, which the negative prompt gives at sampling), 15,000 steps of batch 4 (raise
+at 1, EMA 0.9999, no caption dropout (--config.training.cond_drop_prob=0.1 drops captions to
+the empty prompt, as the pipeline was trained), 15,000 steps of batch 4 (raise
 training.grad_accum to fit memory; model.dtype=bfloat16 and model.remat=True on GPU/TPU).
+--config.training.train_text_encoder=True trains the text encoder as well; the export then
+writes it to text_encoder/.
 
 Args: `smoke` fine-tunes the seeded tiny v1.5-shaped pipeline of the tests
 (tests/fixtures/tiny_sd15, 32x32 images) for 3 steps on a CPU; give it an image folder.

@@ -300,8 +300,14 @@ def _restore_args(abstract):
 
 
 def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
-    """Fails with one line naming the first parameter whose stored shape differs."""
+    """Fails with one line naming the first parameter whose stored shape differs (or the
+    config field, where one setting explains the difference)."""
     stored = manager.item_metadata(step)["state"]["params"]
+    if ("text_encoder" in stored) != ("text_encoder" in abstract_params):
+        raise ConfigError(
+            f"config.training.train_text_encoder: checkpoint {step} was written with "
+            f"train_text_encoder={'text_encoder' in stored}; set it to match"
+        )
     stored_flat = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
     expected_flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     for path, expected in expected_flat:
@@ -312,6 +318,13 @@ def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params) -> 
                 "different model config"
             )
         got = tuple(stored_flat[path].shape)
+        if got != tuple(expected.shape) and "class_embedder.embedding_table" in name:
+            # A label table has a null row exactly when training drops labels.
+            raise ConfigError(
+                f"config.training.cond_drop_prob: checkpoint {step} has {got[0]} rows in "
+                f"{name}, this config {expected.shape[0]}: the null label's row comes with "
+                "cond_drop_prob > 0; set it as the run was trained"
+            )
         if got != tuple(expected.shape):
             raise ConfigError(
                 f"checkpoint {step}: parameter {name} has shape {got}, the model config "

@@ -164,8 +164,12 @@ def base_config() -> ml_collections.ConfigDict:
     t.objective = "diffusion"  # or "autoencoder" (trains config.autoencoder on data)
     # Fine-tuning: a diffusers pipeline folder whose U-Net starts the run. Its config.json
     # files replace the model, diffusion, autoencoder and text_encoder sections and the image
-    # size; its vae/ encodes the images and its text_encoder/ (frozen) the captions.
+    # size; its vae/ encodes the images and its text_encoder/ the captions.
     t.init_from = ""
+    # Train the pipeline's text encoder with the U-Net (same optimizer, EMA and checkpoints;
+    # the shards then hold caption tokens, encoded inside the step). False: it stays frozen
+    # and the captions are encoded once, at --mode=encode.
+    t.train_text_encoder = False
 
     c.sampling = s = ml_collections.ConfigDict()
     s.sampler = "ddim"  # ddpm, ddim, dpm_solver++ (2M), dpm_solver++_sde, dpm_solver++_3m,
@@ -349,6 +353,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "'diffusers' writes a pipeline folder of a run fine-tuned from training.init_from",
     )
     _require_choice(m.context_source, ("class", "text"), "model.context_source")
+    _require(
+        not t.train_text_encoder or (bool(t.init_from) and is_text_conditioned(config)),
+        "training.train_text_encoder",
+        "trains the text encoder of a pipeline folder: set training.init_from to one",
+    )
     a = config.autoencoder
     if t.objective == "autoencoder" or is_latent(config):
         factor = 2 ** (len(a.ch_mult) - 1)

@@ -2,8 +2,8 @@
 
 A latent training run whose shards are missing runs this first. Every device encodes a
 slice of each batch and each process writes its own shards in the format of
-`data/latents.py`; text-conditioned models also get the CLIP contexts of each image's
-caption (`<image>.txt` of a folder data set).
+`data/latents.py`; text-conditioned models also get the CLIP contexts and the token ids of
+each image's caption (`<image>.txt` of a folder data set).
 """
 
 from __future__ import annotations
@@ -55,7 +55,18 @@ def ensure_latents(config, workdir):
     autoencoder = load_autoencoder(config)
     if latents.latents_exist(config, split):
         meta = latents.read_meta(config.data.latents, split)
-        if meta.get("autoencoder_sha256") == export.params_fingerprint(autoencoder[1]):
+        same_autoencoder = meta.get("autoencoder_sha256") == export.params_fingerprint(
+            autoencoder[1]
+        )
+        if same_autoencoder and (meta.get("tokens") or not config.training.train_text_encoder):
+            return config
+        if same_autoencoder:
+            log.info(
+                "latents: %s/%s-* hold no caption tokens; encoding again",
+                config.data.latents,
+                split,
+            )
+            encode_dataset(config, workdir, autoencoder=autoencoder)
             return config
         log.warning(
             "latents: %s/%s-* were made by another autoencoder (%s) than %s; encoding again",
@@ -112,7 +123,9 @@ def encode_dataset(config, workdir, split: str | None = None, autoencoder=None) 
         if valid:
             pending.append({"latent": local, "label": np.asarray(batch["label"][:valid])})
             if encoder is not None:
-                pending[-1]["context"] = encoder([captions[i] for i in batch["index"]])
+                texts = [captions[i] for i in batch["index"]]
+                pending[-1]["context"] = encoder(texts)
+                pending[-1]["tokens"] = encoder.tokenizer(texts)
             total += valid
             moments += (local.sum(), np.square(local).sum())
         if sum(len(p["latent"]) for p in pending) >= latents.SHARD_EXAMPLES:
@@ -127,6 +140,7 @@ def encode_dataset(config, workdir, split: str | None = None, autoencoder=None) 
             "autoencoder_sha256": fingerprint,
             "dataset": d.dataset,
             "image_size": d.image_size,
+            "tokens": encoder is not None,
         }
         latents.write_meta(out_dir, split, meta)
     # Every host reads every shard next: none may start before all are written.

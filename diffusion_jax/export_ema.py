@@ -4,7 +4,8 @@ eval.export_format="msgpack" (default) writes <workdir>/export/ema_step_<N>.msgp
 newest checkpoint, or eval.checkpoint_step) with the run config beside it (.json);
 `--mode=eval|sample` read such a file through eval.params_file. "diffusers" writes a run
 fine-tuned from a pipeline folder (training.init_from) back as a pipeline folder,
-<workdir>/export/diffusers_step_<N>/: the source folder with the EMA U-Net in unet/, which
+<workdir>/export/diffusers_step_<N>/: the source folder with the EMA U-Net in unet/ (and
+the EMA text encoder in text_encoder/ when training.train_text_encoder trained it), which
 diffusers' StableDiffusionPipeline.from_pretrained loads and this package reads as
 config.pretrained or training.init_from.
 """
@@ -32,7 +33,12 @@ def export_ema(config, workdir) -> Path:
         path = Path(workdir) / "export" / f"diffusers_step_{step}"
         host = jax.device_get(params)
         if parallel.is_main_process():
-            convert.to_pipeline(host, path, config.training.init_from)
+            if config.training.train_text_encoder:
+                convert.to_pipeline(
+                    host["unet"], path, config.training.init_from, host["text_encoder"]
+                )
+            else:
+                convert.to_pipeline(host, path, config.training.init_from)
             log.info("export: wrote the pipeline folder %s", path)
         return path
     path = Path(workdir) / "export" / f"ema_step_{step}.msgpack"

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -35,6 +36,8 @@ from diffusion_jax import metrics_io, parallel
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import factory
+from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
+from diffusion_jax.models.prompts import PromptEncoder
 
 
 class Objective(NamedTuple):
@@ -77,6 +80,8 @@ class DiffusionSettings:
     min_snr_gamma: float
     num_classes: int  # > 0: class-conditional, with the null label `num_classes`
     cond_drop_prob: float
+    # What a dropped text context becomes (`null_text_context`); None: zeros.
+    null_context: Any = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def from_config(cls, config) -> DiffusionSettings:
@@ -89,13 +94,30 @@ class DiffusionSettings:
             min_snr_gamma=f.min_snr_gamma,
             num_classes=config.data.num_classes if config.model.class_conditional else 0,
             cond_drop_prob=config.training.cond_drop_prob,
+            null_context=null_text_context(config) if config.training.cond_drop_prob else None,
         )
 
 
-def draw_step_inputs(key, batch, sched, *, num_classes: int, cond_drop_prob: float):
+def null_text_context(config):
+    """The context a dropped caption becomes in a run fine-tuned from a pipeline folder: the
+    empty prompt's, as Stable Diffusion was trained (and as its pipelines guide against):
+    its token ids (L,) when the text encoder trains, its frozen encoder's embeddings (M, D)
+    otherwise. None (zeros) for every other run."""
+    if not (config.training.init_from and config_lib.is_text_conditioned(config)):
+        return None
+    folder = Path(config.text_encoder.weights)
+    if config.training.train_text_encoder:
+        return CLIPTokenizer.from_folder(folder / "tokenizer")("")[0]
+    return PromptEncoder.from_folder(folder)("")[0]
+
+
+def draw_step_inputs(
+    key, batch, sched, *, num_classes: int, cond_drop_prob: float, null_context=None
+):
     """The randomness of one diffusion step for the whole batch: t ~ U{0..T-1}, eps ~ N(0, I),
     and the conditioning with a fraction `cond_drop_prob` dropped: class labels replaced by
-    the null label `num_classes`, text contexts (batch["context"], (B, M, D)) by zeros.
+    the null label `num_classes`, text contexts (batch["context"]: embeddings (B, M, D) or
+    token ids (B, L)) by `null_context` (one context, without the batch axis), or zeros.
 
     Drawn for the whole global batch before any micro-batching, so that gradient
     accumulation sees exactly the examples one large step would.
@@ -111,7 +133,11 @@ def draw_step_inputs(key, batch, sched, *, num_classes: int, cond_drop_prob: flo
         if cond_drop_prob > 0:
             labels = jnp.where(drop, num_classes, labels)
     if "context" in batch:
-        context = jnp.where(drop[:, None, None], 0.0, batch["context"])
+        context = batch["context"]
+        null = jnp.zeros(context.shape[1:], context.dtype)
+        if null_context is not None:
+            null = jnp.asarray(null_context, context.dtype)
+        context = jnp.where(drop.reshape((-1,) + (1,) * (context.ndim - 1)), null, context)
     return {"x0": x0, "t": t, "noise": noise, "labels": labels, "context": context}
 
 
@@ -150,7 +176,11 @@ def diffusion_batch_spec(config, batch_size: int, sharding=None) -> dict:
     size, channels = config_lib.model_input_shape(config)
     spec = _image_batch_spec(batch_size, size, channels, sharding)
     m = config.model
-    if config_lib.is_text_conditioned(config):
+    if config.training.train_text_encoder:  # caption tokens, encoded in the step
+        spec["context"] = jax.ShapeDtypeStruct(
+            (batch_size, m.context_length), jnp.int32, sharding=sharding
+        )
+    elif config_lib.is_text_conditioned(config):
         spec["context"] = jax.ShapeDtypeStruct(
             (batch_size, m.context_length, m.context_dim), jnp.float32, sharding=sharding
         )
@@ -343,6 +373,7 @@ def _draw_diffusion_inputs(key, batch, *, sched, settings):
         sched,
         num_classes=settings.num_classes,
         cond_drop_prob=settings.cond_drop_prob,
+        null_context=settings.null_context,
     )
 
 

@@ -19,12 +19,14 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import checkpointing, export, objectives, parallel, sampling
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert
+from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
 from diffusion_jax.models.factory import abstract_params
 from diffusion_jax.models.prompts import PromptEncoder
 from diffusion_jax.training import state as state_lib
@@ -93,11 +95,12 @@ class RunSetup(NamedTuple):
     def _null_context(self):
         """The unconditional context of a run fine-tuned from a pipeline folder: its text
         encoder's context of sampling.negative_prompt ("" by default), as the pipeline was
-        trained and samples; None (zeros) for other runs, whose dropped contexts are zeros."""
+        trained and samples (its token ids when the text encoder trains, which the network
+        then encodes with its own weights); None (zeros) for other runs, whose dropped
+        contexts are zeros."""
         if not (self.config.training.init_from and config_lib.is_text_conditioned(self.config)):
             return None
-        encoder = PromptEncoder.from_folder(self.config.text_encoder.weights)
-        return jnp.asarray(encoder(self.config.sampling.negative_prompt))
+        return jnp.asarray(prompt_context(self.config, self.config.sampling.negative_prompt))
 
     def reconstruct_fn(self):
         """An autoencoder run's jitted fn(params, images) -> decoded posterior means in
@@ -130,7 +133,11 @@ class RunSetup(NamedTuple):
         fine-tuned from a pipeline folder (training.init_from) starts from its U-Net's
         weights (the EMA too), read on each host and placed shard by shard."""
         if self.config.training.init_from:
-            params, _ = convert.from_diffusers(Path(self.config.training.init_from) / "unet")
+            folder = Path(self.config.training.init_from)
+            params, _ = convert.from_diffusers(folder / "unet")
+            if self.config.training.train_text_encoder:
+                text, _ = convert.text_encoder_from_transformers(folder / "text_encoder")
+                params = {"unet": params, "text_encoder": text}
             params = jax.device_put(params, self.state_sharding.params)
             count = len(self.config.optim.ema_sigma_rels)
             create = functools.partial(
@@ -154,6 +161,21 @@ class RunSetup(NamedTuple):
             ema_warmup=o.ema_warmup,
             ema_gammas=ema_gammas(self.config),
         )
+
+
+def prompt_context(config, prompts) -> np.ndarray:
+    """What the network of `config` takes as the context of `prompts` (str or list): the
+    embeddings (N, M, D) of text_encoder.weights, or, when the text encoder trains with the
+    network, the token ids (N, L) its own encoder reads."""
+    if not config.text_encoder.weights:
+        raise config_lib.ConfigError(
+            "config.text_encoder.weights: sampling.prompt needs the text encoder the model was "
+            "trained with (a folder with text_encoder/ and tokenizer/)"
+        )
+    folder = Path(config.text_encoder.weights)
+    if config.training.train_text_encoder:
+        return CLIPTokenizer.from_folder(folder / "tokenizer")(prompts)
+    return PromptEncoder.from_folder(folder)(prompts)
 
 
 def setup_run(config, init_key, devices=None) -> RunSetup:

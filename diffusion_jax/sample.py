@@ -34,7 +34,13 @@ from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert, create_autoencoder, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
 from diffusion_jax.models.prompts import PromptEncoder
-from diffusion_jax.run import checkpoint_step_arg, restore_ema, run_keys, schedule_from_config
+from diffusion_jax.run import (
+    checkpoint_step_arg,
+    prompt_context,
+    restore_ema,
+    run_keys,
+    schedule_from_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +81,8 @@ def sample(config, workdir) -> Path:
 
 
 def prompt_contexts(config, num: int) -> np.ndarray:
-    """sampling.prompt through text_encoder.weights, repeated: (num, M, D)."""
-    if not config.text_encoder.weights:
-        raise config_lib.ConfigError(
-            "config.text_encoder.weights: sampling.prompt needs the text encoder the model was "
-            "trained with (a folder with text_encoder/ and tokenizer/)"
-        )
-    context = PromptEncoder.from_folder(config.text_encoder.weights)(config.sampling.prompt)
+    """sampling.prompt as the network takes it (`run.prompt_context`), repeated: (num, ...)."""
+    context = prompt_context(config, config.sampling.prompt)
     return np.broadcast_to(context, (num,) + context.shape[1:])
 
 

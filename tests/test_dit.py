@@ -20,7 +20,7 @@ from diffusion_jax.models import create_model, factory, layers
 from diffusion_jax.models.convert import WEIGHTS_FILE, dit
 from diffusion_jax.models.dit import sincos_position_embedding
 from diffusion_jax.recipes import dit_model
-from diffusion_jax.run import schedule_from_config
+from diffusion_jax.run import restore_ema, schedule_from_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SIZES = ("S/2", "B/2", "L/2", "XL/2")  # the order of the fixture's param_counts
@@ -266,3 +266,11 @@ def test_digits_dit_trains_through_the_command_line(tmp_path):
     assert np.load(tmp_path / "samples" / "step_2.npz")["arr_0"].shape == (8, 16, 16, 1)
     result = json.loads((tmp_path / "eval" / "step_2.json").read_text())
     assert np.isfinite(result["digits_fd"]) and result["guidance_scale"] == 2.0
+    # Resuming or sampling without the null label's row it was trained with is one line
+    # naming the setting, not a restore failure.
+    config = load_digits_dit("cond,smoke")
+    config.training.cond_drop_prob, config.sampling.guidance_scale = 0.0, -1.0
+    with pytest.raises(
+        config_lib.ConfigError, match=r"^config.training.cond_drop_prob: .* 11 rows"
+    ):
+        restore_ema(config, tmp_path, None)

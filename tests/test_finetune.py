@@ -3,6 +3,7 @@ v1.5-shaped pipeline on an image folder with captions, through the sharded step,
 checkpoints; then the export to a diffusers pipeline folder, whose U-Net the importer reads
 back exactly and which computes what the trained parameters compute."""
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -14,8 +15,13 @@ import pytest
 from PIL import Image
 
 from diffusion_jax import preflight
+from diffusion_jax.config import ConfigError
 from diffusion_jax.export_ema import export_ema
-from diffusion_jax.models import convert, create_unet
+from diffusion_jax.models import convert, create_model, create_unet
+from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
+from diffusion_jax.models.prompts import PromptEncoder
+from diffusion_jax.objectives import DiffusionSettings, draw_step_inputs
+from diffusion_jax.run import restore_ema, schedule_from_config
 from diffusion_jax.training import loop
 
 ROOT = Path(__file__).parents[1]
@@ -44,17 +50,30 @@ def image_folder(root: Path, count: int = 9) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-    """(config, workdir, final state) of the smoke fine-tune."""
-    tmp = tmp_path_factory.mktemp("finetune")
+def finetune(tmp, **overrides):
+    """(config, workdir, final state) of the smoke fine-tune with `overrides` (training.*)."""
     config = load_recipe("smoke")
     config.data.data_dir = str(image_folder(tmp / "images"))
+    config.training.update(overrides)
     workdir = tmp / "run"
     config = preflight.run_config(config)
     preflight.check(config, workdir, "train")
     state = loop.train_and_evaluate(config, workdir)
     return config, workdir, state
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """The recipe's fine-tune: the U-Net alone, the text encoder frozen."""
+    return finetune(tmp_path_factory.mktemp("finetune"))
+
+
+@pytest.fixture(scope="module")
+def finetuned_with_text(tmp_path_factory):
+    """The text encoder trained with the U-Net, half the captions dropped to the empty one."""
+    return finetune(
+        tmp_path_factory.mktemp("finetune_text"), train_text_encoder=True, cond_drop_prob=0.5
+    )
 
 
 def test_the_run_is_the_pipelines(finetuned):
@@ -102,3 +121,88 @@ def test_diffusers_export_round_trips_exactly(finetuned, tmp_path):
     for part in ("vae", "text_encoder", "scheduler", "tokenizer"):
         for file in sorted((TINY_SD15 / part).iterdir()):
             assert (again / part / file.name).read_bytes() == file.read_bytes()
+
+
+def test_the_text_encoder_trains_and_exports(finetuned_with_text):
+    config, workdir, state = finetuned_with_text
+    assert sorted(state.params) == ["text_encoder", "unet"]
+    # The shards carry the captions' token ids, which the step encodes.
+    shard = np.load(sorted((workdir / "latents").glob("train-*.npz"))[0])
+    tokenizer = CLIPTokenizer.from_folder(TINY_SD15 / "tokenizer")
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(1, 9)]  # img00 is held out
+    np.testing.assert_array_equal(np.sort(shard["tokens"], 0), np.sort(tokenizer(captions), 0))
+    # Both networks moved from the pipeline's weights.
+    start_text, _ = convert.text_encoder_from_transformers(TINY_SD15 / "text_encoder")
+    start_unet, _ = convert.from_diffusers(TINY_SD15 / "unet")
+    for name, start in (("text_encoder", start_text), ("unet", start_unet)):
+        moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params[name], start)
+        assert 0 < max(jax.tree.leaves(moved)) < 0.1, name
+
+    # Its checkpoint restores only into a network with the text encoder.
+    frozen = copy.deepcopy(config)
+    frozen.training.train_text_encoder = False
+    with pytest.raises(ConfigError, match="^config.training.train_text_encoder: checkpoint 3"):
+        restore_ema(frozen, workdir, None)
+
+    config.eval.export_format = "diffusers"
+    folder = export_ema(config, workdir)
+    ema = jax.device_get(state.ema_params)
+    text, fields = convert.text_encoder_from_transformers(folder / "text_encoder")
+    unet, unet_config = convert.from_diffusers(folder / "unet")
+    jax.tree.map(np.testing.assert_array_equal, ema["text_encoder"], text)
+    jax.tree.map(np.testing.assert_array_equal, ema["unet"], unet)
+    for part in ("text_encoder", "unet"):
+        config_file = f"{part}/config.json"
+        assert (folder / config_file).read_bytes() == (TINY_SD15 / config_file).read_bytes()
+    # The exported folder, read the way sampling reads a pipeline (its tokenizer and text
+    # encoder to contexts, then its U-Net), computes what the run's network computes from
+    # token ids.
+    contexts = PromptEncoder.from_folder(folder)(["a horse", ""])
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 16, 16, 4)), jnp.float32)
+    t = jnp.array([10, 700])
+    theirs = create_unet(unet_config).apply({"params": unet}, x, t, None, context=contexts)
+    tokens = jnp.asarray(tokenizer(["a horse", ""]))
+    ours = create_model(config).apply({"params": ema}, x, t, None, context=tokens)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_dropped_captions_become_the_empty_prompt(finetuned):
+    """As Stable Diffusion was trained: a dropped caption is the empty prompt's context (the
+    unconditional side its pipelines guide against), not zeros; as token ids when the text
+    encoder trains."""
+    config = copy.deepcopy(finetuned[0])
+    config.training.cond_drop_prob = 0.5
+    empty = PromptEncoder.from_folder(TINY_SD15)("")[0]
+    batch = {
+        "image": jnp.zeros((64, 16, 16, 4)),
+        "label": jnp.zeros((64,), jnp.int32),
+        "context": jnp.asarray(np.random.default_rng(3).normal(size=(64, 77, 16)), jnp.float32),
+    }
+    settings = DiffusionSettings.from_config(config)
+    sched = schedule_from_config(config)
+    inputs = draw_step_inputs(
+        jax.random.key(0),
+        batch,
+        sched,
+        num_classes=0,
+        cond_drop_prob=0.5,
+        null_context=settings.null_context,
+    )
+    dropped = np.all(np.asarray(inputs["context"]) == np.asarray(empty)[None], axis=(1, 2))
+    kept = np.all(np.asarray(inputs["context"]) == np.asarray(batch["context"]), axis=(1, 2))
+    assert np.all(dropped ^ kept) and 16 < dropped.sum() < 48
+    tokens = jnp.asarray(CLIPTokenizer.from_folder(TINY_SD15 / "tokenizer")(["snow"] * 64))
+    config.training.train_text_encoder = True
+    empty_ids = DiffusionSettings.from_config(config).null_context
+    assert empty_ids.shape == (77,) and not np.array_equal(empty_ids, tokens[0])
+    out = draw_step_inputs(
+        jax.random.key(0),
+        {**batch, "context": tokens},
+        sched,
+        num_classes=0,
+        cond_drop_prob=0.5,
+        null_context=empty_ids,
+    )["context"]
+    dropped_ids = np.all(np.asarray(out) == empty_ids[None], axis=1)
+    np.testing.assert_array_equal(dropped_ids, dropped)  # the same key drops the same rows

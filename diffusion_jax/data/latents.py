@@ -2,10 +2,10 @@
 
 `--mode=encode` (`diffusion_jax.encode`) writes them: each process writes its own shards
 `<data.latents>/<split>-<process>-<shard>.npz` holding `latent` (N, h, w, c) float32, already
-multiplied by `autoencoder.scaling_factor`, `label` (N,), and `context` (N, M, D) when the
-data carry text embeddings; `<split>-meta.json` records the shape and the autoencoder
-(its path and the sha256 of its weights, so that latents of another autoencoder are
-noticed).
+multiplied by `autoencoder.scaling_factor`, `label` (N,), and for captioned data `context`
+(N, M, D), their text encoder's embeddings, and `tokens` (N, M) int32, their token ids;
+`<split>-meta.json` records the shape and the autoencoder (its path and the sha256 of its
+weights, so that latents of another autoencoder are noticed).
 Several hosts need `data.latents` on a file system they all see (as checkpoints do).
 
 This module knows the format only: nothing here loads or runs the autoencoder.
@@ -89,6 +89,15 @@ def load_latents(config, split: str) -> dict[str, np.ndarray]:
         "image": np.concatenate([p["latent"] for p in parts]).astype(np.float32),
         "label": np.concatenate([p["label"] for p in parts]).astype(np.int32),
     }
-    if "context" in parts[0]:
-        out["context"] = np.concatenate([p["context"] for p in parts]).astype(np.float32)
+    # A run that trains its text encoder reads the captions' tokens, the others their
+    # (frozen) encoder's contexts.
+    key = "tokens" if config.training.train_text_encoder else "context"
+    if key == "tokens" and "tokens" not in parts[0]:
+        raise config_lib.ConfigError(
+            f"config.training.train_text_encoder: the latents in {folder} hold no caption "
+            "tokens; encode again with --mode=encode"
+        )
+    if key in parts[0]:
+        dtype = np.int32 if key == "tokens" else np.float32
+        out["context"] = np.concatenate([p[key] for p in parts]).astype(dtype)
     return out

@@ -62,7 +62,7 @@ def in_memory_batches(
     context: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of the global batch of each step from `start_step` on (with the
-    examples' text contexts (N, M, D) when given)."""
+    examples' text contexts (N, M, D), or their caption tokens (N, M), when given)."""
     per_host = global_batch // process_count
     step = start_step
     while True:

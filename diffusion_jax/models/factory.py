@@ -1,10 +1,10 @@
 """Networks built from a run config, their example inputs, and their parameter shapes.
 
 `create_model` builds the denoising network of `config.model` (`create_unet` or
-`create_dit`, by model.arch), `create_text_encoder` CLIP's text encoder of
-`config.text_encoder`; `init_inputs` gives the denoiser's example inputs and
-`abstract_params` the parameter shapes of any model for given example inputs, without
-allocating the parameters.
+`create_dit`, by model.arch; with the text encoder when that trains too),
+`create_text_encoder` CLIP's text encoder of `config.text_encoder`; `init_inputs` gives the
+denoiser's example inputs and `abstract_params` the parameter shapes of any model for given
+example inputs, without allocating the parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.config import model_input_shape
 from diffusion_jax.models.dit import DiT
+from diffusion_jax.models.text_denoiser import TextTrainedDenoiser
 from diffusion_jax.models.text_encoder import CLIPTextEncoder
 from diffusion_jax.models.unet import UNet
 
@@ -81,11 +82,15 @@ def create_dit(config) -> DiT:
 ARCHS = {"unet": create_unet, "dit": create_dit}
 
 
-def create_model(config) -> UNet | DiT:
+def create_model(config) -> UNet | DiT | TextTrainedDenoiser:
     """The denoising network of `config.model` (model.arch: the U-Net or the DiT), whatever
     training.objective says: the network of an autoencoder run is `create_autoencoder`, and
-    `objectives.for_config` picks between the two."""
-    return ARCHS[config.model.arch](config)
+    `objectives.for_config` picks between the two. With training.train_text_encoder it is
+    trained together with the text encoder of `config.text_encoder` (`TextTrainedDenoiser`)."""
+    denoiser = ARCHS[config.model.arch](config)
+    if config.training.train_text_encoder:
+        return TextTrainedDenoiser(unet=denoiser, text_encoder=create_text_encoder(config))
+    return denoiser
 
 
 def create_text_encoder(config) -> CLIPTextEncoder:

@@ -97,17 +97,26 @@ def finetune_config(config) -> ml_collections.ConfigDict:
     return merged
 
 
-def to_pipeline(unet_params, folder, source) -> Path:
+def to_pipeline(unet_params, folder, source, text_encoder_params=None) -> Path:
     """Writes a diffusers pipeline folder: the pipeline folder `source` with its U-Net's
-    weights replaced by `unet_params` (unet/config.json as the source has it: fine-tuning
-    changes no architecture). Returns `folder`."""
+    weights replaced by `unet_params`, and its text encoder's by `text_encoder_params` when
+    given (each config.json as the source has it: fine-tuning changes no architecture).
+    Returns `folder`."""
     folder, source = Path(folder), Path(source)
     layout.require_file(source / "model_index.json", "a diffusers pipeline folder?")
     if folder.exists():
         shutil.rmtree(folder)
-    # Every other component (vae/, text_encoder/, tokenizer/, scheduler/, ...) as it was.
-    shutil.copytree(source, folder, ignore=lambda d, names: ["unet"] if Path(d) == source else [])
-    (folder / "unet").mkdir()
-    shutil.copy2(source / "unet" / "config.json", folder / "unet" / "config.json")
-    save_file(layout.torch_tensors(unet_params), str(folder / "unet" / layout.WEIGHTS_FILE))
+    replaced = {"unet": (unet_params, layout.WEIGHTS_FILE)}
+    if text_encoder_params is not None:
+        replaced["text_encoder"] = (text_encoder_params, text_encoder.TEXT_ENCODER_FILE)
+    # Every other component (vae/, tokenizer/, scheduler/, ...) as it was.
+    shutil.copytree(
+        source, folder, ignore=lambda d, names: list(replaced) if Path(d) == source else []
+    )
+    for part, (params, weights_file) in replaced.items():
+        (folder / part).mkdir()
+        shutil.copy2(source / part / "config.json", folder / part / "config.json")
+        # transformers names the text model's tensors "text_model.*"; diffusers' U-Net has none.
+        prefix = text_encoder.TEXT_PREFIX if part == "text_encoder" else ""
+        save_file(layout.torch_tensors(params, prefix=prefix), str(folder / part / weights_file))
     return folder
