@@ -14,10 +14,10 @@ tests/test_layers.py checks both and names any import that breaks them.
    `checkpointing.py` (orbax), `export.py` (single-file weights), `metrics_io.py` (metric
    writers, progress, image grids). Import the config.
 4. Parts: `models/` (U-Net, DiT, KL autoencoder, CLIP text encoder, layers, the prompt
-   encoder; `models/convert/`, importers of diffusers/transformers weights, one file per
-   family, and the torch-free reader of `.pt` / `.pth` files they and Inception use) and
-   `data/` (sources, the input pipeline, the latent shard format) know nothing of each
-   other. Above them in this layer: `objectives.py` (diffusion | autoencoder: the model, its
+   encoder, the denoiser trained with its text encoder; `models/convert/`, importers of
+   diffusers/transformers weights, one file per family, and the torch-free reader of
+   `.pt` / `.pth` files they and Inception use) and `data/` (sources, the input pipeline,
+   the latent shard format) know nothing of each other. Above them in this layer: `objectives.py` (diffusion | autoencoder: the model, its
    init inputs, batch shapes, step inputs, loss, picture and scores, chosen once),
    `training/state.py` (the TrainState and optimizer) and `training/step.py` (the pure,
    sharded train step, given an objective).
