@@ -1,5 +1,5 @@
-"""Fine-tuning a Stable Diffusion pipeline's U-Net on an image folder with captions, then
-writing it back as a diffusers pipeline folder.
+"""Fine-tuning a Stable Diffusion pipeline's U-Net (optionally its text encoder too) on an
+image folder with captions, then writing it back as a diffusers pipeline folder.
 
     # images/cat.png + images/cat.txt ("a photograph of a cat on a sofa"), ...
     diffusion-jax --config=configs/sd15_finetune.py --workdir=runs/sd15_ft \\
@@ -12,9 +12,9 @@ writing it back as a diffusers pipeline folder.
 The pipeline folder (training.init_from) describes the network, the schedule, the VAE and
 the text encoder, and its U-Net's weights start the run (`convert.finetune_config`). Images
 are center-cropped and resized to the pipeline's resolution (512 for v1.5), encoded once by
-its VAE into latent shards, and their captions (`<image>.txt` beside each image) by its
-frozen text encoder (--mode=encode runs first by itself); the U-Net then trains through the
-same sharded step, EMA and checkpoints as every run. The export writes
+its VAE into latent shards, and their captions (`<image>.txt` beside each image) by its text
+encoder, frozen by default (--mode=encode runs first by itself); the U-Net then trains
+through the same sharded step, EMA and checkpoints as every run. The export writes
 <workdir>/export/diffusers_step_<N>/, the source folder with the EMA U-Net, which diffusers'
 StableDiffusionPipeline.from_pretrained loads (and `--config=configs/sd15_sample.py
 --config.pretrained=<that folder>` samples). Settings follow diffusers'
@@ -22,8 +22,9 @@ train_text_to_image.py: AdamW at 1e-5 with weight decay 1e-2, no warm-up, gradie
 at 1, EMA 0.9999, no caption dropout (--config.training.cond_drop_prob=0.1 drops captions to
 the empty prompt, as the pipeline was trained), 15,000 steps of batch 4 (raise
 training.grad_accum to fit memory; model.dtype=bfloat16 and model.remat=True on GPU/TPU).
---config.training.train_text_encoder=True trains the text encoder as well; the export then
-writes it to text_encoder/.
+--config.training.train_text_encoder=True trains the text encoder as well, with the same
+optimizer (as diffusers' DreamBooth script does; train_text_to_image.py cannot); give the
+export the same override, which then writes it to text_encoder/ too.
 
 Args: `smoke` fine-tunes the seeded tiny v1.5-shaped pipeline of the tests
 (tests/fixtures/tiny_sd15, 32x32 images) for 3 steps on a CPU; give it an image folder.

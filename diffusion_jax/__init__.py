@@ -17,8 +17,9 @@ tests/test_layers.py checks both and names any import that breaks them.
    encoder, the denoiser trained with its text encoder; `models/convert/`, importers of
    diffusers/transformers weights, one file per family, and the torch-free reader of
    `.pt` / `.pth` files they and Inception use) and `data/` (sources, the input pipeline,
-   the latent shard format) know nothing of each other. Above them in this layer: `objectives.py` (diffusion | autoencoder: the model, its
-   init inputs, batch shapes, step inputs, loss, picture and scores, chosen once),
+   the latent shard format) know nothing of each other. Above them in this layer:
+   `objectives.py` (diffusion | autoencoder: the model, its init inputs, batch shapes,
+   step inputs, loss, picture and scores, chosen once),
    `training/state.py` (the TrainState and optimizer) and `training/step.py` (the pure,
    sharded train step, given an objective).
 5. Sampling: `sampling.py` — the jitted sample function, grid labels, drawing many samples,

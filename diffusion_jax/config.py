@@ -149,7 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.num_steps = 800_000
     t.seed = 0
     t.grad_accum = 1  # micro-batches per step (a scan; unrolled on CPU, where it runs faster)
-    t.cond_drop_prob = 0.1  # label dropout for classifier-free guidance (conditional models)
+    # Label (or caption) dropout for classifier-free guidance (conditional models); a
+    # dropped caption of a run fine-tuned from a pipeline folder is the empty prompt's.
+    t.cond_drop_prob = 0.1
     t.max_consecutive_nonfinite = 10
     t.log_every = 100
     t.ckpt_every = 5000

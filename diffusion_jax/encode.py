@@ -49,36 +49,39 @@ def _local_batches(config, split: str, per_host: int):
 
 def ensure_latents(config, workdir):
     """`config` with data.latents set, its training split's shards encoded first when they
-    are missing or were made by another autoencoder than autoencoder.weights."""
+    are missing, or are stale (`_stale`)."""
     config = latents.with_latents_dir(config, workdir)
     split = config.data.train_split
     autoencoder = load_autoencoder(config)
-    if latents.latents_exist(config, split):
-        meta = latents.read_meta(config.data.latents, split)
-        same_autoencoder = meta.get("autoencoder_sha256") == export.params_fingerprint(
-            autoencoder[1]
-        )
-        if same_autoencoder and (meta.get("tokens") or not config.training.train_text_encoder):
-            return config
-        if same_autoencoder:
-            log.info(
-                "latents: %s/%s-* hold no caption tokens; encoding again",
-                config.data.latents,
-                split,
-            )
-            encode_dataset(config, workdir, autoencoder=autoencoder)
-            return config
-        log.warning(
-            "latents: %s/%s-* were made by another autoencoder (%s) than %s; encoding again",
-            config.data.latents,
-            split,
-            meta.get("autoencoder", "?"),
-            config.autoencoder.weights or config.pretrained,
-        )
-    else:
+    if not latents.latents_exist(config, split):
         log.info("latents: none in %s yet; encoding the training split once", config.data.latents)
+    else:
+        reason = _stale(config, latents.read_meta(config.data.latents, split), autoencoder)
+        if reason is None:
+            return config
+        log.warning("latents: %s/%s-* %s; encoding again", config.data.latents, split, reason)
     encode_dataset(config, workdir, autoencoder=autoencoder)
     return config
+
+
+def _stale(config, meta: dict, autoencoder) -> str | None:
+    """Why shards described by `meta` cannot serve `config`, or None: made by another
+    autoencoder than autoencoder.weights, or (text models) their contexts by another text
+    encoder than text_encoder.weights, or without the caption tokens a run that trains its
+    text encoder reads."""
+    if meta.get("autoencoder_sha256") != export.params_fingerprint(autoencoder[1]):
+        return (
+            f"were made by another autoencoder ({meta.get('autoencoder', '?')}) than "
+            f"{config.autoencoder.weights or config.pretrained}"
+        )
+    if not config_lib.is_text_conditioned(config):
+        return None
+    encoder = PromptEncoder.from_folder(config.text_encoder.weights)
+    if meta.get("text_encoder_sha256") != export.params_fingerprint(encoder.params):
+        return f"hold the contexts of another text encoder than {config.text_encoder.weights}"
+    if config.training.train_text_encoder and not meta.get("tokens"):
+        return "hold no caption tokens"
+    return None
 
 
 def encode_dataset(config, workdir, split: str | None = None, autoencoder=None) -> Path:
@@ -142,6 +145,9 @@ def encode_dataset(config, workdir, split: str | None = None, autoencoder=None) 
             "image_size": d.image_size,
             "tokens": encoder is not None,
         }
+        if encoder is not None:
+            meta["text_encoder"] = str(config.text_encoder.weights)
+            meta["text_encoder_sha256"] = export.params_fingerprint(encoder.params)
         latents.write_meta(out_dir, split, meta)
     # Every host reads every shard next: none may start before all are written.
     _barrier("latent shards written")

@@ -29,9 +29,10 @@ def export_ema(config, workdir) -> Path:
     """Writes the file or folder of the module doc and returns its path."""
     config_lib.validate(config, jax.device_count())
     step, params, _ = restore_ema(config, workdir, checkpoint_step_arg(config))
+    # Collective: every process gathers its shards, whatever the mesh; the main one writes.
+    host = jax.tree.map(parallel.gather, params)
     if config.eval.export_format == "diffusers":
         path = Path(workdir) / "export" / f"diffusers_step_{step}"
-        host = jax.device_get(params)
         if parallel.is_main_process():
             if config.training.train_text_encoder:
                 convert.to_pipeline(
@@ -43,6 +44,6 @@ def export_ema(config, workdir) -> Path:
         return path
     path = Path(workdir) / "export" / f"ema_step_{step}.msgpack"
     if parallel.is_main_process():
-        export.save_params(path, params, config)
+        export.save_params(path, host, config)
         log.info("export: wrote %s and %s", path, export.config_path(path).name)
     return path

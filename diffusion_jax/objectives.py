@@ -80,7 +80,8 @@ class DiffusionSettings:
     min_snr_gamma: float
     num_classes: int  # > 0: class-conditional, with the null label `num_classes`
     cond_drop_prob: float
-    # What a dropped text context becomes (`null_text_context`); None: zeros.
+    # () -> what a dropped text context becomes (`null_text_context`), called when the train
+    # step is traced (other jobs never load the text encoder for it); None: zeros.
     null_context: Any = dataclasses.field(default=None, compare=False)
 
     @classmethod
@@ -94,8 +95,14 @@ class DiffusionSettings:
             min_snr_gamma=f.min_snr_gamma,
             num_classes=config.data.num_classes if config.model.class_conditional else 0,
             cond_drop_prob=config.training.cond_drop_prob,
-            null_context=null_text_context(config) if config.training.cond_drop_prob else None,
+            null_context=_null_context_fn(config),
         )
+
+
+def _null_context_fn(config):
+    if not (config.training.cond_drop_prob and config.training.init_from):
+        return None
+    return functools.cache(functools.partial(null_text_context, config))
 
 
 def null_text_context(config):
@@ -134,9 +141,12 @@ def draw_step_inputs(
             labels = jnp.where(drop, num_classes, labels)
     if "context" in batch:
         context = batch["context"]
-        null = jnp.zeros(context.shape[1:], context.dtype)
         if null_context is not None:
             null = jnp.asarray(null_context, context.dtype)
+        elif jnp.issubdtype(context.dtype, jnp.integer):
+            raise ValueError("draw_step_inputs: dropping token ids needs the null prompt's ids")
+        else:
+            null = jnp.zeros(context.shape[1:], context.dtype)
         context = jnp.where(drop.reshape((-1,) + (1,) * (context.ndim - 1)), null, context)
     return {"x0": x0, "t": t, "noise": noise, "labels": labels, "context": context}
 
@@ -373,7 +383,7 @@ def _draw_diffusion_inputs(key, batch, *, sched, settings):
         sched,
         num_classes=settings.num_classes,
         cond_drop_prob=settings.cond_drop_prob,
-        null_context=settings.null_context,
+        null_context=settings.null_context() if settings.null_context else None,
     )
 
 

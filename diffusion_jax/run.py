@@ -302,9 +302,25 @@ def _restore_posthoc(config, workdir, step: int | None, run: RunSetup):
 
 
 def _load_placed(path, run: RunSetup):
-    """The parameters of an exported file, placed like the run's parameters."""
+    """The parameters of an exported file, placed like the run's parameters; one line naming
+    the file (or training.train_text_encoder) when they are another network's."""
     params, _ = export.load_params(path)
     shardings = run.state_sharding.params
+    if ("text_encoder" in params) != ("text_encoder" in shardings):
+        raise config_lib.ConfigError(
+            f"config.training.train_text_encoder: {path} was written with "
+            f"train_text_encoder={'text_encoder' in params}; set it to match"
+        )
+    if jax.tree.structure(params) != jax.tree.structure(shardings) or any(
+        np.shape(x) != s.shape
+        for x, s in zip(
+            jax.tree.leaves(params), jax.tree.leaves(run.abstract_state.params), strict=True
+        )
+    ):
+        raise config_lib.ConfigError(
+            f"{path}: its parameters are not those of this config's model (its .json beside "
+            "it has the config that wrote it)"
+        )
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
 
 

@@ -30,14 +30,15 @@ def make_sample_fn(
 ):
     """A jitted fn(params, key, cond, batch_size, x_T=None) -> images (B, H, W, C).
 
-    cond: class labels (B,) int32, or for text-conditioned models a context (B, M, D); None
-    samples unconditionally. The parameters are a traced argument (not constants of the
-    program) and the batch is split over every device of the mesh; one compile per batch
-    size. x_T (B, h, w, c), the starting noise, is drawn from `key` when not given.
-    `decoder` = (decode_fn, decoder_params) turns latents into images (latent diffusion).
-    `null_context` (1, M, D) | None is the unconditional context of guidance for text models
-    (zeros when None); with `return_x0_at`, fn returns (images, the x0 predictions of the
-    first REVERSE_PROCESS_ROWS images at those steps (K, rows, H, W, C)).
+    cond: class labels (B,) int32, or for text-conditioned models a context (B, M, D) (token
+    ids (B, L) for a network that encodes them itself); None samples unconditionally. The
+    parameters are a traced argument (not constants of the program) and the batch is split
+    over every device of the mesh; one compile per batch size. x_T (B, h, w, c), the
+    starting noise, is drawn from `key` when not given. `decoder` = (decode_fn,
+    decoder_params) turns latents into images (latent diffusion). `null_context` (1, M, D)
+    or (1, L) | None is the unconditional context of guidance for text models (zeros when
+    None); with `return_x0_at`, fn returns (images, the x0 predictions of the first
+    REVERSE_PROCESS_ROWS images at those steps (K, rows, H, W, C)).
     """
     s = config.sampling
     guidance = s.guidance_scale if s.guidance_scale >= 0 else None
@@ -98,7 +99,8 @@ def generate(
     """`num` samples as uint8 (num, H, W, C), drawn in batches of sampling.batch_size split
     over all devices (batch i from fold_in(key, i)), with samples/s and ETA in the log.
 
-    labels: (num,) class labels or, for text models, (num, M, D) contexts; None draws
+    labels: (num,) class labels or, for text models, contexts (num, M, D) or token ids
+    (num, L); None draws
     random classes for class-conditional models and samples the others unconditionally.
     x0_fn: the sampler with `return_x0_at`; given, the first batch is drawn with it and
     generate returns (images, the first batch's x0 predictions (K, B, H, W, C) in [-1, 1]):

@@ -6,6 +6,8 @@ back exactly and which computes what the trained parameters compute."""
 import copy
 import importlib.util
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -14,14 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import preflight
+from diffusion_jax import objectives, preflight, sample
 from diffusion_jax.config import ConfigError
+from diffusion_jax.data import latents
+from diffusion_jax.encode import ensure_latents
 from diffusion_jax.export_ema import export_ema
 from diffusion_jax.models import convert, create_model, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
 from diffusion_jax.models.prompts import PromptEncoder
-from diffusion_jax.objectives import DiffusionSettings, draw_step_inputs
-from diffusion_jax.run import restore_ema, schedule_from_config
+from diffusion_jax.run import restore_ema, schedule_from_config, setup_run
 from diffusion_jax.training import loop
 
 ROOT = Path(__file__).parents[1]
@@ -130,7 +133,14 @@ def test_the_text_encoder_trains_and_exports(finetuned_with_text):
     shard = np.load(sorted((workdir / "latents").glob("train-*.npz"))[0])
     tokenizer = CLIPTokenizer.from_folder(TINY_SD15 / "tokenizer")
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(1, 9)]  # img00 is held out
-    np.testing.assert_array_equal(np.sort(shard["tokens"], 0), np.sort(tokenizer(captions), 0))
+    np.testing.assert_array_equal(shard["tokens"], tokenizer(captions))
+    # Prompts reach its network as token ids too, the negative prompt (the null side of
+    # guidance in its pictures) included.
+    prompted = copy.deepcopy(config)
+    prompted.sampling.prompt = "a horse"
+    np.testing.assert_array_equal(sample.prompt_contexts(prompted, 2), tokenizer(["a horse"] * 2))
+    run = setup_run(config, jax.random.key(0))
+    np.testing.assert_array_equal(run._null_context(), tokenizer([""]))
     # Both networks moved from the pipeline's weights.
     start_text, _ = convert.text_encoder_from_transformers(TINY_SD15 / "text_encoder")
     start_unet, _ = convert.from_diffusers(TINY_SD15 / "unet")
@@ -179,30 +189,50 @@ def test_dropped_captions_become_the_empty_prompt(finetuned):
         "label": jnp.zeros((64,), jnp.int32),
         "context": jnp.asarray(np.random.default_rng(3).normal(size=(64, 77, 16)), jnp.float32),
     }
-    settings = DiffusionSettings.from_config(config)
     sched = schedule_from_config(config)
-    inputs = draw_step_inputs(
-        jax.random.key(0),
-        batch,
-        sched,
-        num_classes=0,
-        cond_drop_prob=0.5,
-        null_context=settings.null_context,
-    )
+    inputs = objectives.for_config(config, sched).draw_inputs(jax.random.key(0), batch)
     dropped = np.all(np.asarray(inputs["context"]) == np.asarray(empty)[None], axis=(1, 2))
     kept = np.all(np.asarray(inputs["context"]) == np.asarray(batch["context"]), axis=(1, 2))
     assert np.all(dropped ^ kept) and 16 < dropped.sum() < 48
     tokens = jnp.asarray(CLIPTokenizer.from_folder(TINY_SD15 / "tokenizer")(["snow"] * 64))
     config.training.train_text_encoder = True
-    empty_ids = DiffusionSettings.from_config(config).null_context
-    assert empty_ids.shape == (77,) and not np.array_equal(empty_ids, tokens[0])
-    out = draw_step_inputs(
-        jax.random.key(0),
-        {**batch, "context": tokens},
-        sched,
-        num_classes=0,
-        cond_drop_prob=0.5,
-        null_context=empty_ids,
+    empty_ids = CLIPTokenizer.from_folder(TINY_SD15 / "tokenizer")("")[0]
+    assert not np.array_equal(empty_ids, tokens[0])
+    out = objectives.for_config(config, sched).draw_inputs(
+        jax.random.key(0), {**batch, "context": tokens}
     )["context"]
     dropped_ids = np.all(np.asarray(out) == empty_ids[None], axis=1)
     np.testing.assert_array_equal(dropped_ids, dropped)  # the same key drops the same rows
+
+
+def test_stale_latents_are_encoded_again(finetuned, tmp_path, caplog):
+    """Shards whose contexts another text encoder made, or without the caption tokens a run
+    that trains its text encoder reads, are encoded again before training; read directly,
+    shards without tokens are one line."""
+    config, workdir, _ = finetuned
+    config = copy.deepcopy(config)
+    config.training.train_text_encoder = True
+    shutil.copytree(workdir / "latents", tmp_path / "latents")
+    meta_file = tmp_path / "latents" / "train-meta.json"
+    for change, reason in (
+        ({"tokens": False}, "hold no caption tokens"),
+        ({"text_encoder_sha256": "0"}, "another text encoder"),
+    ):
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({**meta, **change}))
+        config.data.latents = ""
+        with caplog.at_level(logging.INFO, logger="diffusion_jax"):
+            ensured = ensure_latents(config, tmp_path)
+        assert reason in caplog.text
+        assert (
+            json.loads(meta_file.read_text())["text_encoder_sha256"] == meta["text_encoder_sha256"]
+        )
+        caplog.clear()
+    context = latents.load_latents(ensured, "train")["context"]
+    assert context.shape == (8, 77) and context.dtype == np.int32  # the caption tokens
+    shard = sorted((tmp_path / "latents").glob("train-*.npz"))[0]
+    arrays = dict(np.load(shard))
+    del arrays["tokens"]
+    np.savez(shard, **arrays)
+    with pytest.raises(ConfigError, match="^config.training.train_text_encoder: .* no caption"):
+        latents.load_latents(ensured, "train")

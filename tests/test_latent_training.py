@@ -19,6 +19,7 @@ from diffusion_jax.evaluation import digits_classifier
 # measurement to about a minute each on 2 cores.
 AUTOENCODER_STEPS = 200
 DIFFUSION_STEPS = 400
+RESUME_FROM = 320  # the checkpoint a killed run left (the last before the end)
 SMALL_AUTOENCODER = ["--config.autoencoder.ch=16", "--config.autoencoder.norm_groups=8"]
 
 
@@ -73,7 +74,7 @@ def diffusion_command(autoencoder_dir, workdir):
         f"--workdir={workdir}",
         *small_diffusion_args(autoencoder_dir),
         f"--config.training.num_steps={DIFFUSION_STEPS}",
-        f"--config.training.ckpt_every={DIFFUSION_STEPS // 2}",
+        f"--config.training.ckpt_every={RESUME_FROM}",
         f"--config.training.sample_every={DIFFUSION_STEPS}",
         "--config.training.eval_at_end=False",
         "--config.optim.warmup_steps=50",
@@ -124,16 +125,49 @@ def saved_state(workdir, step):
 def test_resumed_latent_run_equals_uninterrupted(
     trained_autoencoder, trained_latent_diffusion, tmp_path
 ):
-    """The run above, killed after its step-200 checkpoint and started again with the same
+    """The run above, killed after its step-320 checkpoint and started again with the same
     command, ends with the same state as the run that was never stopped."""
     workdir, _ = trained_latent_diffusion
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns(str(DIFFUSION_STEPS)))
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [
-        str(DIFFUSION_STEPS // 2)
+        str(RESUME_FROM)
     ]
     result = run_cli(*diffusion_command(trained_autoencoder, resumed), fast_compile=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "encoding" not in result.stderr  # the latents of the first run are reused
     whole, again = saved_state(workdir, DIFFUSION_STEPS), saved_state(resumed, DIFFUSION_STEPS)
     jax.tree.map(np.testing.assert_array_equal, whole, again)
+
+
+def test_a_dit_trains_on_the_same_latents(trained_autoencoder, trained_latent_diffusion, tmp_path):
+    """model.arch=dit on the latents the U-Net run encoded: the same trainer, checkpoints and
+    decoded sample grid (one 1x1 patch per latent pixel, labels through adaLN)."""
+    ldm_dir, _ = trained_latent_diffusion
+    steps = 20
+    result = run_cli(
+        "--config=configs/digits_latent.py",
+        f"--workdir={tmp_path}",
+        f"--config.autoencoder.weights={trained_autoencoder}",
+        *SMALL_AUTOENCODER,
+        f"--config.data.latents={ldm_dir / 'latents'}",
+        "--config.model.arch=dit",
+        "--config.model.context_dim=0",
+        "--config.model.dit.patch_size=1",
+        "--config.model.dit.hidden_size=32",
+        "--config.model.dit.depth=2",
+        "--config.model.dit.num_heads=2",
+        f"--config.training.num_steps={steps}",
+        f"--config.training.ckpt_every={steps}",
+        f"--config.training.sample_every={steps}",
+        "--config.training.eval_at_end=False",
+        "--config.sampling.num_steps=5",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encoding" not in result.stderr  # the U-Net run's latents serve
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["arch"] == "dit"
+    assert (tmp_path / "checkpoints" / str(steps)).is_dir()
+    samples = np.load(tmp_path / "samples" / f"step_{steps}.npz")
+    assert samples["arr_0"].shape == (100, 16, 16, 1)  # decoded from 4x4x4 latents
+    assert np.bincount(samples["labels"]).tolist() == [10] * 10

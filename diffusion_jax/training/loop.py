@@ -49,7 +49,8 @@ class Stopped(Exception):
 
 
 def check_resumable_config(config, workdir: Path) -> None:
-    """Refuses to resume a workdir whose config.json differs on model or diffusion fields."""
+    """Refuses to resume a workdir whose config.json differs on model or diffusion fields,
+    the EMA widths it tracks, or whether it trains the text encoder."""
     path = workdir / "config.json"
     if not path.exists() or config.training.allow_config_change:
         return
@@ -65,6 +66,12 @@ def check_resumable_config(config, workdir: Path) -> None:
                     f"{path}; use a new --workdir or pass "
                     "--config.training.allow_config_change=True"
                 )
+    trains_text = new["training"].get("train_text_encoder", False)
+    if trains_text != old.get("training", {}).get("train_text_encoder", False):
+        raise config_lib.ConfigError(
+            f"config.training.train_text_encoder: {trains_text} differs from {path}; its "
+            "checkpoints hold the networks it trained: use a new --workdir"
+        )
     # The power-function EMAs of a checkpoint are profiles of these widths: other widths
     # would go on averaging them with the wrong exponents.
     widths, old_widths = new["optim"]["ema_sigma_rels"], old["optim"].get("ema_sigma_rels", [])

@@ -116,7 +116,8 @@ def to_pipeline(unet_params, folder, source, text_encoder_params=None) -> Path:
     for part, (params, weights_file) in replaced.items():
         (folder / part).mkdir()
         shutil.copy2(source / part / "config.json", folder / part / "config.json")
-        # transformers names the text model's tensors "text_model.*"; diffusers' U-Net has none.
-        prefix = text_encoder.TEXT_PREFIX if part == "text_encoder" else ""
+        # The text model's tensors named as the source names them (transformers 4 and 5
+        # differ); diffusers' U-Net has no prefix.
+        prefix = text_encoder.tensor_prefix(source / part) if part == "text_encoder" else ""
         save_file(layout.torch_tensors(params, prefix=prefix), str(folder / part / weights_file))
     return folder

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from diffusion_jax.models import factory
@@ -46,11 +47,25 @@ def text_encoder_from_transformers(folder) -> tuple[dict, dict]:
     tensors = load_file(
         str(layout.require_file(folder / TEXT_ENCODER_FILE, "the text encoder weights"))
     )
-    # Published files (transformers 4) name tensors "text_model.*"; transformers 5 drops it.
-    prefix = TEXT_PREFIX if any(name.startswith(TEXT_PREFIX) for name in tensors) else ""
+    prefix = _prefix(tensors)
     # A buffer of positions 0..L-1 some files carry; it holds no parameters.
     tensors.pop(prefix + "embeddings.position_ids", None)
     return layout.match_tensors(tensors, shapes, prefix=prefix), fields
+
+
+def _prefix(names) -> str:
+    # Published files (transformers 4) name tensors "text_model.*"; transformers 5 drops it.
+    return TEXT_PREFIX if any(name.startswith(TEXT_PREFIX) for name in names) else ""
+
+
+def tensor_prefix(folder) -> str:
+    """The tensor-name prefix of a CLIPTextModel folder's weights ("text_model." or ""),
+    read from the file's header; "text_model." (the published files') without one."""
+    path = Path(folder) / TEXT_ENCODER_FILE
+    if not path.exists():
+        return TEXT_PREFIX
+    with safe_open(str(path), framework="numpy") as f:
+        return _prefix(f.keys())
 
 
 def text_encoder_to_transformers(params, fields: dict, folder) -> None:
