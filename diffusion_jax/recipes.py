@@ -26,6 +26,9 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a recipe to a run of a few seconds on a CPU: a tiny U-Net at 16x16 (or the
     recipe's size if smaller), a batch of 8 and 2 steps; everything else as the recipe."""
     c.data.image_size = min(c.data.image_size, 16)
+    # The shuffle buffer holds examples before they are resized: 10,000 of them would take
+    # longer to fill (and, at 256 px, 2 GB) than the whole smoke run.
+    c.data.shuffle_buffer = min(c.data.shuffle_buffer, 64)
     m = c.model
     m.ch, m.ch_mult, m.num_res_blocks, m.norm_groups = 8, (1, 2), 1, 4
     m.attn_resolutions = (c.data.image_size // 2,)
