@@ -299,15 +299,22 @@ def _restore_args(abstract):
     return jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
 
 
+def check_text_encoder(stored_params, expected_params, source: str) -> None:
+    """One line naming training.train_text_encoder when parameters stored in `source` (a
+    checkpoint or a file) hold a text encoder and the config's network does not, or the
+    other way round."""
+    if ("text_encoder" in stored_params) != ("text_encoder" in expected_params):
+        raise ConfigError(
+            f"config.training.train_text_encoder: {source} was written with "
+            f"train_text_encoder={'text_encoder' in stored_params}; set it to match"
+        )
+
+
 def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
     """Fails with one line naming the first parameter whose stored shape differs (or the
     config field, where one setting explains the difference)."""
     stored = manager.item_metadata(step)["state"]["params"]
-    if ("text_encoder" in stored) != ("text_encoder" in abstract_params):
-        raise ConfigError(
-            f"config.training.train_text_encoder: checkpoint {step} was written with "
-            f"train_text_encoder={'text_encoder' in stored}; set it to match"
-        )
+    check_text_encoder(stored, abstract_params, f"checkpoint {step}")
     stored_flat = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
     expected_flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     for path, expected in expected_flat:

@@ -112,10 +112,22 @@ def null_text_context(config):
     otherwise. None (zeros) for every other run."""
     if not (config.training.init_from and config_lib.is_text_conditioned(config)):
         return None
+    return prompt_context(config, "")[0]
+
+
+def prompt_context(config, prompts) -> np.ndarray:
+    """What the network of `config` takes as the context of `prompts` (str or list): the
+    embeddings (N, M, D) of text_encoder.weights, or, when the text encoder trains with the
+    network, the token ids (N, L) its own encoder reads."""
+    if not config.text_encoder.weights:
+        raise config_lib.ConfigError(
+            "config.text_encoder.weights: sampling.prompt needs the text encoder the model was "
+            "trained with (a folder with text_encoder/ and tokenizer/)"
+        )
     folder = Path(config.text_encoder.weights)
     if config.training.train_text_encoder:
-        return CLIPTokenizer.from_folder(folder / "tokenizer")("")[0]
-    return PromptEncoder.from_folder(folder)("")[0]
+        return CLIPTokenizer.from_folder(folder / "tokenizer")(prompts)
+    return PromptEncoder.from_folder(folder)(prompts)
 
 
 def draw_step_inputs(

@@ -26,9 +26,7 @@ from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert
-from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
 from diffusion_jax.models.factory import abstract_params
-from diffusion_jax.models.prompts import PromptEncoder
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.step import make_train_step
 
@@ -100,7 +98,9 @@ class RunSetup(NamedTuple):
         contexts are zeros."""
         if not (self.config.training.init_from and config_lib.is_text_conditioned(self.config)):
             return None
-        return jnp.asarray(prompt_context(self.config, self.config.sampling.negative_prompt))
+        return jnp.asarray(
+            objectives.prompt_context(self.config, self.config.sampling.negative_prompt)
+        )
 
     def reconstruct_fn(self):
         """An autoencoder run's jitted fn(params, images) -> decoded posterior means in
@@ -161,21 +161,6 @@ class RunSetup(NamedTuple):
             ema_warmup=o.ema_warmup,
             ema_gammas=ema_gammas(self.config),
         )
-
-
-def prompt_context(config, prompts) -> np.ndarray:
-    """What the network of `config` takes as the context of `prompts` (str or list): the
-    embeddings (N, M, D) of text_encoder.weights, or, when the text encoder trains with the
-    network, the token ids (N, L) its own encoder reads."""
-    if not config.text_encoder.weights:
-        raise config_lib.ConfigError(
-            "config.text_encoder.weights: sampling.prompt needs the text encoder the model was "
-            "trained with (a folder with text_encoder/ and tokenizer/)"
-        )
-    folder = Path(config.text_encoder.weights)
-    if config.training.train_text_encoder:
-        return CLIPTokenizer.from_folder(folder / "tokenizer")(prompts)
-    return PromptEncoder.from_folder(folder)(prompts)
 
 
 def setup_run(config, init_key, devices=None) -> RunSetup:
@@ -306,11 +291,7 @@ def _load_placed(path, run: RunSetup):
     the file (or training.train_text_encoder) when they are another network's."""
     params, _ = export.load_params(path)
     shardings = run.state_sharding.params
-    if ("text_encoder" in params) != ("text_encoder" in shardings):
-        raise config_lib.ConfigError(
-            f"config.training.train_text_encoder: {path} was written with "
-            f"train_text_encoder={'text_encoder' in params}; set it to match"
-        )
+    checkpointing.check_text_encoder(params, shardings, str(path))
     if jax.tree.structure(params) != jax.tree.structure(shardings) or any(
         np.shape(x) != s.shape
         for x, s in zip(

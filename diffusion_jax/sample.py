@@ -29,14 +29,13 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
-from diffusion_jax import metrics_io, parallel, sampling
+from diffusion_jax import metrics_io, objectives, parallel, sampling
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert, create_autoencoder, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
 from diffusion_jax.models.prompts import PromptEncoder
 from diffusion_jax.run import (
     checkpoint_step_arg,
-    prompt_context,
     restore_ema,
     run_keys,
     schedule_from_config,
@@ -81,8 +80,9 @@ def sample(config, workdir) -> Path:
 
 
 def prompt_contexts(config, num: int) -> np.ndarray:
-    """sampling.prompt as the network takes it (`run.prompt_context`), repeated: (num, ...)."""
-    context = prompt_context(config, config.sampling.prompt)
+    """sampling.prompt as the network takes it (`objectives.prompt_context`), repeated:
+    (num, ...)."""
+    context = objectives.prompt_context(config, config.sampling.prompt)
     return np.broadcast_to(context, (num,) + context.shape[1:])
 
 

@@ -3,6 +3,7 @@ holds `text_encoder/` and `tokenizer/` (a Stable Diffusion pipeline folder, for 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -36,9 +37,10 @@ class PromptEncoder:
 
     @classmethod
     def from_folder(cls, folder) -> PromptEncoder:
-        folder = Path(folder)
-        params, fields = convert.text_encoder_from_transformers(folder / "text_encoder")
-        return cls(params, fields, CLIPTokenizer.from_folder(folder / "tokenizer"))
+        """The encoder of a folder, read once per process: a fine-tuning run asks for it when
+        checking its latents, for the empty prompt of dropped captions and for the negative
+        prompt of its pictures."""
+        return _from_folder(str(Path(folder).resolve()))
 
     def __call__(self, texts, batch_size: int = 64) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -47,3 +49,10 @@ class PromptEncoder:
             tokens = jnp.asarray(self.tokenizer(texts[i : i + batch_size]))
             out.append(np.asarray(self._apply(self.params, tokens)))
         return np.concatenate(out) if out else np.zeros((0, self.max_length, self.width))
+
+
+@functools.lru_cache(maxsize=2)
+def _from_folder(folder: str) -> PromptEncoder:
+    folder = Path(folder)
+    params, fields = convert.text_encoder_from_transformers(folder / "text_encoder")
+    return PromptEncoder(params, fields, CLIPTokenizer.from_folder(folder / "tokenizer"))
