@@ -28,9 +28,9 @@ from benchmarks.common import emit
 from diffusion_jax import diffusion as dm
 from diffusion_jax import metrics_io
 from diffusion_jax.evaluation.evaluate import evaluate_step
-from diffusion_jax.posthoc_ema import posthoc_ema
+from diffusion_jax.jobs.posthoc_ema import posthoc_ema
 from diffusion_jax.run import restore_ema
-from diffusion_jax.training import loop
+from diffusion_jax.jobs import train as train_job
 
 NFES = (5, 8, 10, 15, 20, 50, 100)
 REFERENCE = ("ddpm", 1000)  # ancestral sampling at the full T
@@ -90,7 +90,7 @@ def main(argv=None) -> Path:
         nfes, reference, sigma_rels = [3], ("ddpm", 6), sigma_rels[:2]
 
     if not (workdir / "checkpoints").is_dir():
-        loop.train_and_evaluate(config, workdir)
+        train_job.train_and_evaluate(config, workdir)
     step, params, run = restore_ema(config, workdir, None)
     rows = [score(config, run, params, step, *reference)]
     emit(benchmark="sampler_quality", step=step, **rows[-1])

@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.common import emit, time_calls
 from benchmarks.train_step import load_config
 from diffusion_jax import diffusion as dm
-from diffusion_jax import parallel, sampling
+from diffusion_jax import parallel, generation
 from diffusion_jax.run import run_keys, setup_run
 
 
@@ -45,7 +45,7 @@ def main():
     init_key, _, key = run_keys(config)
     run = setup_run(config, init_key)
     params = run.init_state(init_key).ema_params
-    fn = sampling.make_sample_fn(run.model, run.sched, config, run.mesh)
+    fn = generation.make_sample_fn(run.model, run.sched, config, run.mesh)
     if args.whole_process:
         images = np.asarray(fn(params, key, None, args.batch))
         report(

@@ -27,7 +27,7 @@ from benchmarks.common import emit
 from benchmarks.train_step import load_config, time_train_step
 from diffusion_jax import parallel
 from diffusion_jax.data import pipeline
-from diffusion_jax.training import loop
+from diffusion_jax.jobs import train as train_job
 
 
 def data_seconds(config, batches: int) -> float:
@@ -52,7 +52,7 @@ def loop_seconds(config, steps: int, log_every: int) -> float:
     t.eval_every = 0
     config.sampling.num_steps = 2
     with tempfile.TemporaryDirectory() as workdir:
-        loop.train_and_evaluate(config, workdir)
+        train_job.train_and_evaluate(config, workdir)
         lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
     rates = [json.loads(x)["steps_per_sec"] for x in lines if '"steps_per_sec"' in x]
     return 1.0 / statistics.median(rates[1:])  # the first interval includes the warm-up

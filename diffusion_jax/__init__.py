@@ -22,16 +22,16 @@ tests/test_layers.py checks both and names any import that breaks them.
    step inputs, loss, picture and scores, chosen once),
    `training/state.py` (the TrainState and optimizer) and `training/step.py` (the pure,
    sharded train step, given an objective).
-5. Sampling: `sampling.py` — the jitted sample function, grid labels, drawing many samples,
+5. Generation: `generation.py` — the jitted sample function, grid labels, drawing many samples,
    the sample grid. Used by training's pictures, evaluation and sample mode.
 6. Run setup: `run.py` — what every job builds from a config: mesh, schedule, objective,
    model, optimizer, abstract and restored state, the autoencoder of a latent run, keys.
 7. Evaluation: `evaluation/` — Inception, the digits classifier, metrics, reference
    statistics, and the eval job (`evaluation/evaluate.py`). Never imports `training/`:
    the run setup hands it what it needs.
-8. Jobs: `training/loop.py` (--mode=train), `sample.py` (--mode=sample, text-to-image
-   included), `encode.py` (--mode=encode), `export_ema.py` (--mode=export),
-   `posthoc_ema.py` (--mode=posthoc_ema: EMAs of any length from snapshots); `preflight.py`,
+8. Jobs: `jobs/`, one module per --mode: `train.py`, `sample.py` (text-to-image
+   included), `encode.py`, `export_ema.py` (--mode=export), `posthoc_ema.py` (EMAs of
+   any length from snapshots); `preflight.py`,
    everything a job needs checked before anything compiles or is written; `tools/`,
    command-line programs other than the main one (`python -m diffusion_jax.tools.<name>`),
    which nothing imports.

@@ -147,7 +147,7 @@ def main(argv) -> None:
     config = preflight.run_config(config)  # a fine-tuning run: the pipeline folder's network
     preflight.check(config, workdir, mode)
     if mode == "train":
-        from diffusion_jax.training.loop import train_and_evaluate
+        from diffusion_jax.jobs.train import train_and_evaluate
 
         state = train_and_evaluate(config, workdir)
         if config.training.eval_at_end:
@@ -159,19 +159,19 @@ def main(argv) -> None:
 
         evaluate(config, workdir)
     elif mode == "sample":
-        from diffusion_jax.sample import sample
+        from diffusion_jax.jobs.sample import sample
 
         sample(config, workdir)
     elif mode == "encode":
-        from diffusion_jax.encode import encode_dataset
+        from diffusion_jax.jobs.encode import encode_dataset
 
         encode_dataset(config, workdir)
     elif mode == "posthoc_ema":
-        from diffusion_jax.posthoc_ema import posthoc_ema
+        from diffusion_jax.jobs.posthoc_ema import posthoc_ema
 
         posthoc_ema(config, workdir)
     else:
-        from diffusion_jax.export_ema import export_ema
+        from diffusion_jax.jobs.export_ema import export_ema
 
         export_ema(config, workdir)
 
@@ -186,7 +186,7 @@ def exit_status(error: BaseException) -> int | None:
     if isinstance(error, Terminated):
         return EXIT_TERMINATED
     from diffusion_jax.checkpointing import CheckpointError
-    from diffusion_jax.training.loop import NonFiniteError, Stopped
+    from diffusion_jax.jobs.train import NonFiniteError, Stopped
 
     if isinstance(error, Stopped):
         return EXIT_INTERRUPTED if error.signal_name == "SIGINT" else 0

@@ -72,7 +72,7 @@ def check(config, workdir, mode: str) -> None:
         # The checkpoints of the workdir were trained with its config.json: a model or
         # diffusion setting that differs would restore them into the wrong model or score
         # them with the wrong process.
-        from diffusion_jax.training.loop import check_resumable_config
+        from diffusion_jax.jobs.train import check_resumable_config
 
         check_resumable_config(config, workdir)
 

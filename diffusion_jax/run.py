@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpointing, export, objectives, parallel, sampling
+from diffusion_jax import checkpointing, export, objectives, parallel, generation
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.models import autoencoder as ae_lib
@@ -74,12 +74,12 @@ class RunSetup(NamedTuple):
         return self.compiled[name]
 
     def sample_fn(self, return_x0_at=None):
-        """The run's jitted sampler (`sampling.make_sample_fn`), compiled once and reused by
+        """The run's jitted sampler (`generation.make_sample_fn`), compiled once and reused by
         the training grids, evaluation and sample mode; it returns decoded images in a
         latent run."""
         return self._cached(
             ("sample", return_x0_at),
-            lambda: sampling.make_sample_fn(
+            lambda: generation.make_sample_fn(
                 self.model,
                 self.sched,
                 self.config,
@@ -110,9 +110,9 @@ class RunSetup(NamedTuple):
         )
 
     def generate(self, params, num: int, key, *, labels=None, progress_every: int = 1, x0_at=None):
-        """`sampling.generate` with this run's sampler: `num` samples, uint8; with `x0_at`
+        """`generation.generate` with this run's sampler: `num` samples, uint8; with `x0_at`
         (evaluation indices), also the x0 predictions of the first batch at those steps."""
-        return sampling.generate(
+        return generation.generate(
             self.sample_fn(),
             self.config,
             self.mesh,
@@ -125,8 +125,8 @@ class RunSetup(NamedTuple):
         )
 
     def write_samples(self, params, key, path) -> None:
-        """`sampling.write_samples` with this run's sampler: a grid PNG and its .npz."""
-        sampling.write_samples(self.sample_fn(), self.config, self.mesh, params, key, path)
+        """`generation.write_samples` with this run's sampler: a grid PNG and its .npz."""
+        generation.write_samples(self.sample_fn(), self.config, self.mesh, params, key, path)
 
     def init_state(self, init_key) -> state_lib.TrainState:
         """A fresh state, created already sharded: no host ever holds all of it. A run

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from diffusion_jax import config as config_lib
-from diffusion_jax.training import loop
+from diffusion_jax.jobs import train as train_job
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 RECIPES = {
@@ -90,7 +90,7 @@ def smoke_run(config, workdir):
     config.training.num_steps = 1
     config.training.sample_every = 1
     config.sampling.num_samples = 8
-    return loop.train_and_evaluate(config, workdir)
+    return train_job.train_and_evaluate(config, workdir)
 
 
 # The digits smoke trains through the command line in test_cli.py; cifar10_improved's also
@@ -121,7 +121,7 @@ def test_tfds_recipes_run_one_step_on_mock_data(tmp_path, name, arg):
     config.training.sample_every = 10  # the grid is covered above; keep this one quick
     config.training.num_steps = 1
     with tfds.testing.mock_data(num_examples=32):
-        state = loop.train_and_evaluate(config, tmp_path)
+        state = train_job.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 1
     assert np.isfinite(json.loads((tmp_path / "metrics.jsonl").read_text())["loss"])
     assert jax.tree.leaves(state.params)

@@ -7,10 +7,11 @@ import pytest
 from test_configs import load_config
 from test_inception import seeded_state_dict
 
-from diffusion_jax import metrics_io, sample
+from diffusion_jax import metrics_io
+from diffusion_jax.jobs import sample
 from diffusion_jax.data import digits
 from diffusion_jax.evaluation import evaluate, reference_stats
-from diffusion_jax.training import loop
+from diffusion_jax.jobs import train as train_job
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def trained(tmp_path_factory):
     config.training.sample_every = 100
     config.eval.metrics = ("digits_fd", "bpd")
     config.training.eval_every = 2  # training scores step 2 itself
-    loop.train_and_evaluate(config, workdir)
+    train_job.train_and_evaluate(config, workdir)
     return config, workdir
 
 

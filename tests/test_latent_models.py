@@ -253,7 +253,7 @@ def test_blur_baseline_keeps_constant_blocks_and_loses_detail():
 def test_text_to_image_equals_the_diffusers_pipeline(reference):
     """Prompt -> tokens -> CLIP -> guided DDIM over the same 5 timesteps from the same
     latents -> VAE decode: the whole of StableDiffusionPipeline."""
-    from diffusion_jax import sample
+    from diffusion_jax.jobs import sample
     from diffusion_jax.config import base_config
 
     config = base_config()

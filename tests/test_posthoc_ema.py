@@ -12,13 +12,14 @@ import pytest
 from scipy import integrate
 from test_configs import load_config
 
-from diffusion_jax import checkpointing, export, preflight, sample
+from diffusion_jax import checkpointing, export, preflight
+from diffusion_jax.jobs import sample
 from diffusion_jax import diffusion as dm
 from diffusion_jax.config import ConfigError
 from diffusion_jax.evaluation import evaluate
-from diffusion_jax.posthoc_ema import posthoc_ema
+from diffusion_jax.jobs.posthoc_ema import posthoc_ema
 from diffusion_jax.run import posthoc_path, run_keys, setup_run
-from diffusion_jax.training import loop
+from diffusion_jax.jobs import train as train_job
 from diffusion_jax.training.state import ema_update
 
 
@@ -149,7 +150,7 @@ def _snapshot_arrays(workdir):
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("phema")
     config = _config()
-    state = loop.train_and_evaluate(config, workdir)
+    state = train_job.train_and_evaluate(config, workdir)
     return config, workdir, state
 
 
@@ -176,7 +177,7 @@ def test_a_killed_run_resumes_to_bit_identical_snapshots(trained, tmp_path):
     shutil.rmtree(checkpointing.checkpoint_dir(killed) / "6")
     stale = checkpointing.checkpoint_dir(killed, checkpointing.EMA_SNAPSHOTS) / "6"
     assert stale.exists()
-    loop.train_and_evaluate(config, killed)
+    train_job.train_and_evaluate(config, killed)
     expected, got = _snapshot_arrays(workdir), _snapshot_arrays(killed)
     assert sorted(got) == sorted(expected)
     for step in expected:

@@ -15,7 +15,7 @@ from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel
 from diffusion_jax.objectives import draw_step_inputs
 from diffusion_jax.run import ema_gammas, run_keys, setup_run
-from diffusion_jax.training import loop
+from diffusion_jax.jobs import train as train_job
 from diffusion_jax.training import state as state_lib
 
 
@@ -263,7 +263,7 @@ def test_a_run_that_does_not_fit_stops_with_the_figure_and_the_knobs(monkeypatch
         match=r"needs \d+\.\d+ GiB per device .* has 0\.00 GiB.*"
         r"model.remat=True",
     ):
-        loop.compile_and_plan_memory(run, state, train_key)
+        train_job.compile_and_plan_memory(run, state, train_key)
 
 
 def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):
@@ -284,8 +284,8 @@ def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):
             "training.ckpt_every": 100,
         }
     )
-    with pytest.raises(loop.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
-        loop.train_and_evaluate(config, tmp_path)
+    with pytest.raises(train_job.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
+        train_job.train_and_evaluate(config, tmp_path)
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert '"skipped_steps": 1' in rows[0] and '"skipped_steps": 2' in rows[1]
     # Every line is JSON (no bare NaN): the non-finite loss is null.

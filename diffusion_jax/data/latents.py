@@ -1,6 +1,6 @@
 """Latent shards: the data set of a latent diffusion run, on disk.
 
-`--mode=encode` (`diffusion_jax.encode`) writes them: each process writes its own shards
+`--mode=encode` (`diffusion_jax.jobs.encode`) writes them: each process writes its own shards
 `<data.latents>/<split>-<process>-<shard>.npz` holding `latent` (N, h, w, c) float32, already
 multiplied by `autoencoder.scaling_factor`, `label` (N,), and for captioned data `context`
 (N, M, D), their text encoder's embeddings, and `tokens` (N, M) int32, their token ids;

@@ -1,1 +1,1 @@
-"""Training: state, step and loop."""
+"""Training: the train state and optimizer (`state.py`), the sharded train step (`step.py`)."""

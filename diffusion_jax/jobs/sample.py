@@ -29,7 +29,7 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
-from diffusion_jax import metrics_io, objectives, parallel, sampling
+from diffusion_jax import metrics_io, objectives, parallel, generation
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert, create_autoencoder, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
@@ -58,11 +58,11 @@ def sample(config, workdir) -> Path:
     if not run.objective.generative:
         return run.objective.picture(run, params, key, workdir, step)
     num = config.sampling.num_samples
-    labels = sampling.grid_labels(config, num)
+    labels = generation.grid_labels(config, num)
     if config_lib.is_text_conditioned(config) and config.sampling.prompt:
         labels = prompt_contexts(config, num)
     images, trajectory = run.generate(
-        params, num, key, labels=labels, x0_at=sampling.reverse_process_steps(config)
+        params, num, key, labels=labels, x0_at=generation.reverse_process_steps(config)
     )
     out_dir = metrics_io.samples_dir(workdir)
     out = out_dir / f"sample_step_{step}"
@@ -75,7 +75,7 @@ def sample(config, workdir) -> Path:
         )
         rows = config.data.num_classes if config.model.class_conditional else None
         metrics_io.save_grid(out.with_suffix(".png"), metrics_io.from_uint8(images), rows=rows)
-        sampling.save_reverse_process(out_dir / f"reverse_step_{step}.png", trajectory)
+        generation.save_reverse_process(out_dir / f"reverse_step_{step}.png", trajectory)
     return out.with_suffix(".png")
 
 
@@ -147,7 +147,7 @@ def build_sampler(config) -> tuple[ml_collections.ConfigDict, TextToImage]:
         ae_lib.make_decode_fn(create_autoencoder(config), config.autoencoder.scaling_factor),
         jax.device_put(params["autoencoder"], parallel.replicated(mesh)),
     )
-    sample_fn = sampling.make_sample_fn(
+    sample_fn = generation.make_sample_fn(
         create_unet(config),
         schedule_from_config(config),
         config,
@@ -166,7 +166,7 @@ def text_to_image(config, workdir) -> Path:
     key = jax.random.key(config.training.seed)
     t0 = time.perf_counter()
     contexts = np.broadcast_to(sampler.context, (s.num_samples,) + sampler.context.shape[1:])
-    images = sampling.generate(
+    images = generation.generate(
         sampler.sample_fn,
         config,
         sampler.mesh,

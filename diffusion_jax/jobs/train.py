@@ -20,7 +20,7 @@ import jax
 from diffusion_jax import checkpointing, metrics_io, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import pipeline
-from diffusion_jax.encode import ensure_latents
+from diffusion_jax.jobs.encode import ensure_latents
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
 from diffusion_jax.run import ema_gammas, run_keys, setup_run
 from diffusion_jax.training import state as state_lib
