@@ -28,9 +28,9 @@ from benchmarks.common import emit
 from diffusion_jax import diffusion as dm
 from diffusion_jax import metrics_io
 from diffusion_jax.evaluation.evaluate import evaluate_step
+from diffusion_jax.jobs import train as train_job
 from diffusion_jax.jobs.posthoc_ema import posthoc_ema
 from diffusion_jax.run import restore_ema
-from diffusion_jax.jobs import train as train_job
 
 NFES = (5, 8, 10, 15, 20, 50, 100)
 REFERENCE = ("ddpm", 1000)  # ancestral sampling at the full T

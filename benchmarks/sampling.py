@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.common import emit, time_calls
 from benchmarks.train_step import load_config
 from diffusion_jax import diffusion as dm
-from diffusion_jax import parallel, generation
+from diffusion_jax import generation, parallel
 from diffusion_jax.run import run_keys, setup_run
 
 

@@ -28,18 +28,13 @@ from typing import NoReturn
 import jax
 import orbax.checkpoint as ocp
 
-from diffusion_jax.config import ConfigError, first_line
+from diffusion_jax.errors import CheckpointError, ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
 CORRUPT_SUFFIX = ".corrupt"
 # How long a failed save may take to stop writing before its folder is removed anyway.
 ABANDON_SECONDS = 30
-
-
-class CheckpointError(OSError):
-    """A checkpoint could not be written or read. The message is one line naming the step,
-    the folder, the reason and what to do; the checkpoints before it are intact."""
 
 
 # Snapshots of the power-function EMAs (training.ema_snapshot_every), beside checkpoints/.

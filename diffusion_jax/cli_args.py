@@ -19,7 +19,7 @@ from pathlib import Path
 import ml_collections
 from absl import flags
 
-from diffusion_jax.config import ConfigError, first_line
+from diffusion_jax.errors import ConfigError, first_line
 
 
 class UsageError(ValueError):

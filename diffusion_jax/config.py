@@ -14,6 +14,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from diffusion_jax.diffusion import ema, losses, process, samplers, schedules
+from diffusion_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -271,22 +272,6 @@ def model_input_shape(config) -> tuple[int, int]:
     if is_latent(config):
         return d.image_size // 2 ** (len(a.ch_mult) - 1), a.latent_channels
     return d.image_size, d.channels
-
-
-class ConfigError(ValueError):
-    """A config that cannot work; the message names the field and the fix, in one line."""
-
-
-def first_line(error: BaseException, *, named: bool = False, limit: int | None = None) -> str:
-    """An exception as one line: the first line of its message (a KeyError's key without
-    quotes, a TensorStore error without the array spec it appends), cut to `limit`
-    characters, after its type name when `named`; the type name when the message is empty."""
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    lines = text.split(" See full TensorStore details")[0].strip().splitlines()
-    if not lines:
-        return type(error).__name__
-    line = lines[0][:limit] if limit else lines[0]
-    return f"{type(error).__name__}: {line}" if named else line
 
 
 def _require(ok: bool, field: str, message: str):

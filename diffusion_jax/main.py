@@ -29,7 +29,13 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import cli_args  # noqa: E402
-from diffusion_jax.config import ConfigError, first_line  # noqa: E402
+from diffusion_jax.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    NonFiniteError,
+    Stopped,
+    first_line,
+)
 
 MODES = ("train", "eval", "sample", "export", "encode", "posthoc_ema")
 EXIT_FAULT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
@@ -185,9 +191,6 @@ def exit_status(error: BaseException) -> int | None:
         return EXIT_INTERRUPTED
     if isinstance(error, Terminated):
         return EXIT_TERMINATED
-    from diffusion_jax.checkpointing import CheckpointError
-    from diffusion_jax.jobs.train import NonFiniteError, Stopped
-
     if isinstance(error, Stopped):
         return EXIT_INTERRUPTED if error.signal_name == "SIGINT" else 0
     if isinstance(error, CheckpointError | NonFiniteError):

@@ -32,7 +32,7 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
-from diffusion_jax import metrics_io, parallel
+from diffusion_jax import errors, metrics_io, parallel
 from diffusion_jax.data import pipeline
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import factory
@@ -120,7 +120,7 @@ def prompt_context(config, prompts) -> np.ndarray:
     embeddings (N, M, D) of text_encoder.weights, or, when the text encoder trains with the
     network, the token ids (N, L) its own encoder reads."""
     if not config.text_encoder.weights:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             "config.text_encoder.weights: sampling.prompt needs the text encoder the model was "
             "trained with (a folder with text_encoder/ and tokenizer/)"
         )

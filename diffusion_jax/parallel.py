@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import errors
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _check_batch_shards_per_process(grid: np.ndarray) -> None:
     owners = np.vectorize(lambda d: d.process_index)(grid)
     if (owners != owners[..., :1]).any():
         per_process = int((owners == owners.flat[0]).sum())
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.mesh.tensor: {grid.shape[-1]} devices along 'tensor' span several "
             f"processes; use a divisor of the {per_process} devices of one process"
         )

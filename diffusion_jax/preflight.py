@@ -31,8 +31,8 @@ import numpy as np
 
 from diffusion_jax import checkpointing, export
 from diffusion_jax import config as config_lib
-from diffusion_jax.config import ConfigError, first_line
 from diffusion_jax.data import folder, pipeline
+from diffusion_jax.errors import ConfigError, first_line
 from diffusion_jax.run import schedule_from_config
 
 # Bytes a checkpoint holds per parameter: params, EMA and Adam's two moments, float32.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from diffusion_jax.config import ConfigError
+from diffusion_jax.errors import ConfigError
 
 # DiT's published sizes (Peebles & Xie 2023, Table 1): name -> (depth, hidden size, heads).
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}

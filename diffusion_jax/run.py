@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpointing, export, objectives, parallel, generation
+from diffusion_jax import checkpointing, errors, export, generation, objectives, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.models import autoencoder as ae_lib
@@ -232,7 +232,7 @@ def restore_ema(config, workdir, step: int | None, run: RunSetup | None = None):
         )
     step = max(available) if step is None else step
     if step not in available:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.eval.checkpoint_step: no checkpoint {step} in {manager.directory} "
             f"(have {sorted(available)})"
         )
@@ -298,7 +298,7 @@ def _load_placed(path, run: RunSetup):
             jax.tree.leaves(params), jax.tree.leaves(run.abstract_state.params), strict=True
         )
     ):
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"{path}: its parameters are not those of this config's model (its .json beside "
             "it has the config that wrote it)"
         )
@@ -346,7 +346,7 @@ def _restore_autoencoder_run(config, source: Path):
         )
     saved = json.loads(run_config.read_text())
     if saved["training"].get("objective") != "autoencoder":
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.autoencoder.weights: {source} trained "
             f"{saved['training'].get('objective', 'diffusion')!r}, not an autoencoder"
         )

@@ -17,7 +17,7 @@ from conftest import FAST_COMPILE
 from helpers import tiny_config
 
 from diffusion_jax import checkpointing, export, parallel
-from diffusion_jax.config import ConfigError
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.run import run_keys, setup_run
 
 ROOT = Path(__file__).parents[1]

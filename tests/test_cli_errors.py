@@ -271,7 +271,7 @@ def test_eval_and_sample_refuse_a_model_other_than_the_workdirs(tmp_path, monkey
     from test_configs import load_config
 
     from diffusion_jax import preflight
-    from diffusion_jax.config import ConfigError
+    from diffusion_jax.errors import ConfigError
 
     trained = load_config("digits.py", "smoke")
     (tmp_path / "config.json").write_text(trained.to_json_best_effort())

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import errors
 from diffusion_jax.jobs import train as train_job
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -64,7 +65,7 @@ def test_published_parameter_counts():
 
 
 def test_unknown_config_arg_names_it():
-    with pytest.raises(config_lib.ConfigError, match="unknown option"):
+    with pytest.raises(errors.ConfigError, match="unknown option"):
         load_config("lsun256.py", "kitchen")
 
 
@@ -82,7 +83,7 @@ def test_invalid_config_names_the_field(field, value, match):
     config = load_config("digits.py", "smoke")
     section, key = field.split(".")
     config[section][key] = value
-    with pytest.raises(config_lib.ConfigError, match=match):
+    with pytest.raises(errors.ConfigError, match=match):
         config_lib.validate(config, num_devices=8)
 
 

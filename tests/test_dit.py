@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from test_cli import run_cli
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import errors
 from diffusion_jax.config import base_config
 from diffusion_jax.models import create_model, factory, layers
 from diffusion_jax.models.convert import WEIGHTS_FILE, dit
@@ -237,7 +238,7 @@ def test_dit_config_errors_name_the_field(field, value, match):
     for part in section.split("."):
         node = node[part]
     node[key] = value
-    with pytest.raises(config_lib.ConfigError, match=match) as err:
+    with pytest.raises(errors.ConfigError, match=match) as err:
         config_lib.validate(config, num_devices=8)
     assert "\n" not in str(err.value)
 
@@ -270,7 +271,5 @@ def test_digits_dit_trains_through_the_command_line(tmp_path):
     # naming the setting, not a restore failure.
     config = load_digits_dit("cond,smoke")
     config.training.cond_drop_prob, config.sampling.guidance_scale = 0.0, -1.0
-    with pytest.raises(
-        config_lib.ConfigError, match=r"^config.training.cond_drop_prob: .* 11 rows"
-    ):
+    with pytest.raises(errors.ConfigError, match=r"^config.training.cond_drop_prob: .* 11 rows"):
         restore_ema(config, tmp_path, None)

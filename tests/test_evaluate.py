@@ -8,9 +8,9 @@ from test_configs import load_config
 from test_inception import seeded_state_dict
 
 from diffusion_jax import metrics_io
-from diffusion_jax.jobs import sample
 from diffusion_jax.data import digits
 from diffusion_jax.evaluation import evaluate, reference_stats
+from diffusion_jax.jobs import sample
 from diffusion_jax.jobs import train as train_job
 
 

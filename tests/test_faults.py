@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_checkpointing import ROOT, cli, committed_steps, run_cli, wait_for
 
-from diffusion_jax import checkpointing, metrics_io
+from diffusion_jax import checkpointing, errors, metrics_io
 from diffusion_jax.jobs import train as train_job
 
 NO_HANG = 60  # seconds: the one timed bound, far above the few seconds these paths take
@@ -143,7 +143,7 @@ def test_the_first_signal_asks_to_stop_and_the_second_aborts():
         assert preemption.check(2) and preemption.signal_name == "SIGINT"
         assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a second Ctrl-C kills
     assert signal.getsignal(signal.SIGINT) is before
-    stopped = train_job.Stopped("SIGINT", 7)
+    stopped = errors.Stopped("SIGINT", 7)
     assert (stopped.signal_name, stopped.step) == ("SIGINT", 7)
     assert str(stopped) == (
         "stopped by SIGINT at step 7 after saving a checkpoint; the same command resumes"

@@ -17,16 +17,16 @@ import pytest
 from PIL import Image
 
 from diffusion_jax import objectives, preflight
-from diffusion_jax.jobs import sample
-from diffusion_jax.config import ConfigError
 from diffusion_jax.data import latents
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.jobs import sample
+from diffusion_jax.jobs import train as train_job
 from diffusion_jax.jobs.encode import ensure_latents
 from diffusion_jax.jobs.export_ema import export_ema
 from diffusion_jax.models import convert, create_model, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
 from diffusion_jax.models.prompts import PromptEncoder
 from diffusion_jax.run import restore_ema, schedule_from_config, setup_run
-from diffusion_jax.jobs import train as train_job
 
 ROOT = Path(__file__).parents[1]
 TINY_SD15 = ROOT / "tests" / "fixtures" / "tiny_sd15"

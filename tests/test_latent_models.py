@@ -253,8 +253,8 @@ def test_blur_baseline_keeps_constant_blocks_and_loses_detail():
 def test_text_to_image_equals_the_diffusers_pipeline(reference):
     """Prompt -> tokens -> CLIP -> guided DDIM over the same 5 timesteps from the same
     latents -> VAE decode: the whole of StableDiffusionPipeline."""
-    from diffusion_jax.jobs import sample
     from diffusion_jax.config import base_config
+    from diffusion_jax.jobs import sample
 
     config = base_config()
     config.pretrained = str(TINY_SD)
@@ -278,7 +278,8 @@ def test_text_to_image_equals_the_diffusers_pipeline(reference):
 
 
 def test_autoencoder_weights_problems_name_the_field(tmp_path):
-    from diffusion_jax.config import ConfigError, base_config
+    from diffusion_jax.config import base_config
+    from diffusion_jax.errors import ConfigError
     from diffusion_jax.run import load_autoencoder
 
     config = base_config()

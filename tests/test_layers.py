@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = {
     "diffusion_jax": 0,  # the package's __init__: a docstring and the version
     "diffusion_jax.diffusion": 1,
+    "diffusion_jax.errors": 2,
     "diffusion_jax.config": 2,
     "diffusion_jax.recipes": 2,
     "diffusion_jax.parallel": 3,

@@ -13,13 +13,13 @@ from scipy import integrate
 from test_configs import load_config
 
 from diffusion_jax import checkpointing, export, preflight
-from diffusion_jax.jobs import sample
 from diffusion_jax import diffusion as dm
-from diffusion_jax.config import ConfigError
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.evaluation import evaluate
+from diffusion_jax.jobs import sample
+from diffusion_jax.jobs import train as train_job
 from diffusion_jax.jobs.posthoc_ema import posthoc_ema
 from diffusion_jax.run import posthoc_path, run_keys, setup_run
-from diffusion_jax.jobs import train as train_job
 from diffusion_jax.training.state import ema_update
 
 

@@ -19,8 +19,8 @@ import pytest
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
-from diffusion_jax.jobs import sample as sample_lib
 from diffusion_jax.config import base_config
+from diffusion_jax.jobs import sample as sample_lib
 from diffusion_jax.models import convert, create_unet
 from diffusion_jax.models.prompts import PromptEncoder
 from diffusion_jax.run import schedule_from_config

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from test_training import batch_for
 
 from diffusion_jax import checkpointing, parallel
-from diffusion_jax.config import ConfigError, base_config, mesh_shape, validate
+from diffusion_jax.config import base_config, mesh_shape, validate
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.factory import abstract_params, create_model, init_inputs
 from diffusion_jax.run import run_keys, setup_run
 

@@ -12,10 +12,10 @@ import pytest
 from helpers import override, tiny_config
 
 from diffusion_jax import diffusion as dm
-from diffusion_jax import parallel
+from diffusion_jax import errors, parallel
+from diffusion_jax.jobs import train as train_job
 from diffusion_jax.objectives import draw_step_inputs
 from diffusion_jax.run import ema_gammas, run_keys, setup_run
-from diffusion_jax.jobs import train as train_job
 from diffusion_jax.training import state as state_lib
 
 
@@ -284,7 +284,7 @@ def test_a_run_of_non_finite_steps_stops_training(tmp_path, monkeypatch):
             "training.ckpt_every": 100,
         }
     )
-    with pytest.raises(train_job.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
+    with pytest.raises(errors.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
         train_job.train_and_evaluate(config, tmp_path)
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert '"skipped_steps": 1' in rows[0] and '"skipped_steps": 2' in rows[1]

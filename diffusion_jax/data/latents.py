@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import config as config_lib
+from diffusion_jax import errors
 
 SHARD_EXAMPLES = 8192  # examples per shard file
 
@@ -80,7 +81,7 @@ def load_latents(config, split: str) -> dict[str, np.ndarray]:
     meta = json.loads(meta_file.read_text())
     want = list(config_lib.model_input_shape(config))
     if meta["shape"] != want:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.data.latents: {folder} holds latents of (size, channels) {meta['shape']}, "
             f"the model expects {want}; encode again with this autoencoder"
         )
@@ -93,7 +94,7 @@ def load_latents(config, split: str) -> dict[str, np.ndarray]:
     # (frozen) encoder's contexts.
     key = "tokens" if config.training.train_text_encoder else "context"
     if key == "tokens" and "tokens" not in parts[0]:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.training.train_text_encoder: the latents in {folder} hold no caption "
             "tokens; encode again with --mode=encode"
         )

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from diffusion_jax.config import first_line
+from diffusion_jax.errors import first_line
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

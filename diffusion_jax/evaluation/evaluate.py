@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpointing, metrics_io, parallel
+from diffusion_jax import checkpointing, errors, metrics_io, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.data import pipeline
@@ -56,7 +56,7 @@ def inception_scores(config, images_uint8: np.ndarray, mesh) -> dict:
     wanted = [m for m in e.metrics if m in INCEPTION_METRICS]
     weights = e.inception_weights
     if not weights:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.eval.inception_weights: needed for {wanted}; download "
             f"{inception.WEIGHTS_URL} and pass its path"
         )
@@ -70,7 +70,7 @@ def inception_scores(config, images_uint8: np.ndarray, mesh) -> dict:
         out["is"], out["is_std"] = metrics.inception_score(logits, num_splits=10)
     if "fid" in wanted or "precision" in wanted or "recall" in wanted:
         if not e.reference_stats:
-            raise config_lib.ConfigError(
+            raise errors.ConfigError(
                 "config.eval.reference_stats: needed for FID; make one with `python -m "
                 "diffusion_jax.tools.reference_stats` or use guided-diffusion's batch"
             )
@@ -139,7 +139,7 @@ def metric_scores(config, run, images_uint8, params, key) -> dict:
     e = config.eval
     unknown = set(e.metrics) - set(METRICS)
     if unknown:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.eval.metrics: unknown {sorted(unknown)}; choose from {METRICS}"
         )
     result = {}

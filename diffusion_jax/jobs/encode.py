@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import export, parallel
+from diffusion_jax import errors, export, parallel
 from diffusion_jax.data import folder, latents, pipeline, tfds_source
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models.prompts import PromptEncoder
@@ -179,18 +179,18 @@ def _captions_and_encoder(config, split):
     against the model's context shape."""
     m, d = config.model, config.data
     if d.dataset != "folder":
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             "config.data.dataset: text contexts are encoded from the captions of an image "
             "folder (<image>.txt beside each image); use dataset='folder'"
         )
     if not config.text_encoder.weights:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             "config.text_encoder.weights: a folder with text_encoder/ and tokenizer/ is needed "
             "to encode captions (a Stable Diffusion pipeline folder works)"
         )
     encoder = PromptEncoder.from_folder(config.text_encoder.weights)
     if (encoder.max_length, encoder.width) != (m.context_length, m.context_dim):
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.model.context_dim: the text encoder gives contexts of {encoder.max_length} "
             f"x {encoder.width}; set model.context_length={encoder.max_length} and "
             f"model.context_dim={encoder.width}"

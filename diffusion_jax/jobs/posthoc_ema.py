@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, export, metrics_io, parallel
+from diffusion_jax import checkpointing, errors, export, metrics_io, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
@@ -91,7 +91,7 @@ def posthoc_ema(config, workdir) -> list[dict]:
     sweep = tuple(e.ema_sigma_rels)
     widths = sweep or ((e.ema_sigma_rel,) if e.ema_sigma_rel > 0 else ())
     if not widths:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             "config.eval.ema_sigma_rel: set the width to rebuild (e.g. 0.07), or a sweep "
             "in config.eval.ema_sigma_rels"
         )

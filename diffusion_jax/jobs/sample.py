@@ -29,7 +29,7 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
-from diffusion_jax import metrics_io, objectives, parallel, generation
+from diffusion_jax import errors, generation, metrics_io, objectives, parallel
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert, create_autoencoder, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
@@ -108,7 +108,7 @@ def pipeline_sampling(config) -> ml_collections.ConfigDict:
     try:
         implied = convert.sampling_from_scheduler(scheduler, config.sampling.sampler)
     except ValueError as e:
-        raise config_lib.ConfigError(f"config.pretrained={config.pretrained}: {e}") from e
+        raise errors.ConfigError(f"config.pretrained={config.pretrained}: {e}") from e
     return config_lib.resolved_sampling(config, implied)
 
 
@@ -131,7 +131,7 @@ def build_sampler(config) -> tuple[ml_collections.ConfigDict, TextToImage]:
     """(config of the pipeline, its `TextToImage` sampler) for config.pretrained."""
     s = config.sampling
     if not s.prompt:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             "config.sampling.prompt: a text-to-image pipeline needs a prompt, e.g. "
             "--config.sampling.prompt='a photograph of an astronaut riding a horse'"
         )

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import jax
 
-from diffusion_jax import checkpointing, metrics_io, parallel
+from diffusion_jax import checkpointing, errors, metrics_io, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import pipeline
-from diffusion_jax.jobs.encode import ensure_latents
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
+from diffusion_jax.jobs.encode import ensure_latents
 from diffusion_jax.run import ema_gammas, run_keys, setup_run
 from diffusion_jax.training import state as state_lib
 
@@ -29,23 +29,6 @@ log = logging.getLogger(__name__)
 
 # Fields that define what a checkpoint holds; a resumed run must agree on them.
 STRUCTURAL_SECTIONS = ("model", "diffusion")
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-class Stopped(Exception):
-    """The run stopped on SIGINT or SIGTERM (or a preemption notice) after writing a
-    checkpoint of `step`; the same command resumes. Raised, not returned, so that nothing
-    after training (main.py's end-of-training evaluation) runs on a machine going away."""
-
-    def __init__(self, signal_name: str, step: int):
-        super().__init__(
-            f"stopped by {signal_name} at step {step} after saving a checkpoint; "
-            "the same command resumes"
-        )
-        self.signal_name, self.step = signal_name, step
 
 
 def check_resumable_config(config, workdir: Path) -> None:
@@ -61,14 +44,14 @@ def check_resumable_config(config, workdir: Path) -> None:
             if section == "model" and key == "dit" and new["model"].get("arch", "unet") != "dit":
                 continue  # a U-Net's run does not depend on the DiT's fields
             if old.get(section, {}).get(key, value) != value:
-                raise config_lib.ConfigError(
+                raise errors.ConfigError(
                     f"config.{section}.{key}: {value!r} differs from {old[section][key]!r} in "
                     f"{path}; use a new --workdir or pass "
                     "--config.training.allow_config_change=True"
                 )
     trains_text = new["training"].get("train_text_encoder", False)
     if trains_text != old.get("training", {}).get("train_text_encoder", False):
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.training.train_text_encoder: {trains_text} differs from {path}; its "
             "checkpoints hold the networks it trained: use a new --workdir"
         )
@@ -76,7 +59,7 @@ def check_resumable_config(config, workdir: Path) -> None:
     # would go on averaging them with the wrong exponents.
     widths, old_widths = new["optim"]["ema_sigma_rels"], old["optim"].get("ema_sigma_rels", [])
     if list(widths) != list(old_widths):
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"config.optim.ema_sigma_rels: {tuple(widths)} differs from {tuple(old_widths)} in "
             f"{path}; the checkpoints track those widths (--mode=posthoc_ema rebuilds others): "
             "use a new --workdir to track other ones"
@@ -134,7 +117,7 @@ def compile_and_plan_memory(run, state, train_key):
         stats = device.memory_stats() or {}
         limit = stats.get("bytes_limit")
         if limit and needed > limit:
-            raise config_lib.ConfigError(
+            raise errors.ConfigError(
                 f"config.training.batch_size: the train step needs {needed / GIB:.2f} GiB per "
                 f"device on mesh {parallel.describe(run.mesh)} but {device.device_kind} has "
                 f"{limit / GIB:.2f} GiB; "
@@ -208,7 +191,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     all three at the end. Returns the final state.
 
     Raises `Stopped` after SIGINT or SIGTERM, once a checkpoint of the current step is
-    written, and `checkpointing.CheckpointError` (one line) when a checkpoint cannot be
+    written, and `errors.CheckpointError` (one line) when a checkpoint cannot be
     written; the checkpoints before it are intact either way.
     """
     workdir = Path(workdir)
@@ -296,7 +279,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
         )
         if consecutive >= t_cfg.max_consecutive_nonfinite:
             saver.wait()
-            raise NonFiniteError(
+            raise errors.NonFiniteError(
                 f"{consecutive} consecutive steps had a non-finite loss or gradient (up to step "
                 f"{step}); the last checkpoint is intact. Lower optim.lr, check the data, or "
                 "raise training.max_consecutive_nonfinite"
@@ -356,5 +339,5 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     writer.close()
     log.info("checkpoints written (waited %.1fs)", time.perf_counter() - t0)
     if preemption.requested:
-        raise Stopped(preemption.signal_name, step)
+        raise errors.Stopped(preemption.signal_name, step)
     return state

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import parallel
-from diffusion_jax.config import ConfigError
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.models import layers
 
 Dtype = Any
