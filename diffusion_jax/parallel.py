@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import errors
+from diffusion_jax import errors, validation
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def make_mesh(config, devices=None) -> Mesh:
     when 'tensor' would span processes (each process must hold whole batch shards).
     """
     devices = jax.devices() if devices is None else devices
-    data, fsdp, tensor = config_lib.mesh_shape(config, len(devices))
+    data, fsdp, tensor = validation.mesh_shape(config, len(devices))
     num_slices = _num_granules(devices)
     try:
         if num_slices > 1 and data % num_slices == 0:

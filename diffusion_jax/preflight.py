@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, export
+from diffusion_jax import checkpointing, export, validation
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import folder, pipeline
 from diffusion_jax.errors import ConfigError, first_line
@@ -41,7 +41,7 @@ CHECKPOINT_BYTES_PER_PARAMETER = 16
 
 def check(config, workdir, mode: str) -> None:
     """Raises on the first problem of the run `mode` of `config` in `workdir` (module doc)."""
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     workdir = Path(workdir)
     if mode == "encode" and not config_lib.is_latent(config):
         raise ConfigError("config.autoencoder.weights: --mode=encode needs an autoencoder")

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffusion_jax import config as config_lib
-from diffusion_jax import errors
+from diffusion_jax import errors, validation
 from diffusion_jax.jobs import train as train_job
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -46,7 +45,7 @@ def test_every_config_file_is_listed():
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in RECIPES.items() for a in args])
 def test_config_loads_and_validates(name, arg):
     config = load_config(name, arg)
-    config_lib.validate(config, num_devices=8 if "smoke" in arg else None)
+    validation.validate(config, num_devices=8 if "smoke" in arg else None)
     assert load_config(name, arg).__doc__ is None or True  # loading twice is side-effect free
     doc = importlib.util.spec_from_file_location("m", CONFIGS / name)
     text = (CONFIGS / name).read_text()
@@ -84,7 +83,7 @@ def test_invalid_config_names_the_field(field, value, match):
     section, key = field.split(".")
     config[section][key] = value
     with pytest.raises(errors.ConfigError, match=match):
-        config_lib.validate(config, num_devices=8)
+        validation.validate(config, num_devices=8)
 
 
 def smoke_run(config, workdir):

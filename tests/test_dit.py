@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from test_cli import run_cli
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import errors
+from diffusion_jax import errors, validation
 from diffusion_jax.config import base_config
 from diffusion_jax.models import create_model, factory, layers
 from diffusion_jax.models.convert import WEIGHTS_FILE, dit
@@ -122,7 +122,7 @@ def test_pipeline_folder_describes_a_latent_run(imported):
     assert config_lib.model_input_shape(config) == (8, 4)
     assert (config.diffusion.schedule, config.diffusion.variance) == ("linear", "learned_range")
     assert config.data.num_classes == 10 and config.training.cond_drop_prob > 0
-    config_lib.validate(config, num_devices=1)
+    validation.validate(config, num_devices=1)
 
 
 def test_original_pt_imports_the_same_weights(imported, peer):
@@ -239,7 +239,7 @@ def test_dit_config_errors_name_the_field(field, value, match):
         node = node[part]
     node[key] = value
     with pytest.raises(errors.ConfigError, match=match) as err:
-        config_lib.validate(config, num_devices=8)
+        validation.validate(config, num_devices=8)
     assert "\n" not in str(err.value)
 
 
@@ -247,7 +247,7 @@ def test_unet_only_checks_do_not_fire_for_a_dit():
     config = load_digits_dit("smoke")
     m = config.model
     m.norm_groups, m.ch_mult, m.attn_resolutions = 7, (1, 2, 2, 2, 2), (3,)
-    config_lib.validate(config, num_devices=8)
+    validation.validate(config, num_devices=8)
 
 
 def load_digits_dit(arg):

@@ -16,6 +16,7 @@ LAYERS = {
     "diffusion_jax.diffusion": 1,
     "diffusion_jax.errors": 2,
     "diffusion_jax.config": 2,
+    "diffusion_jax.validation": 2,
     "diffusion_jax.recipes": 2,
     "diffusion_jax.parallel": 3,
     "diffusion_jax.checkpointing": 3,

@@ -15,10 +15,11 @@ from jax.sharding import PartitionSpec as P
 from test_training import batch_for
 
 from diffusion_jax import checkpointing, parallel
-from diffusion_jax.config import base_config, mesh_shape, validate
+from diffusion_jax.config import base_config
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.factory import abstract_params, create_model, init_inputs
 from diffusion_jax.run import run_keys, setup_run
+from diffusion_jax.validation import mesh_shape, validate
 
 MESHES = [(2, 2, 2), (1, 1, 8)]
 NUM_STEPS = 3

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpointing, errors, metrics_io, parallel
+from diffusion_jax import checkpointing, errors, metrics_io, parallel, validation
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.data import pipeline
@@ -233,7 +233,7 @@ def evaluate_and_write(config, workdir, step, params, run) -> dict:
 def evaluate(config, workdir, steps=None) -> list[dict]:
     """Scores each checkpoint that has no result with these settings yet, or
     eval.checkpoint_step, or the given steps; says in the log what it scored."""
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     if steps is None and config.eval.checkpoint_step >= 0:
         steps = [config.eval.checkpoint_step]
     width = config.eval.ema_sigma_rel

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import jax
 
-from diffusion_jax import config as config_lib
-from diffusion_jax import export, parallel
+from diffusion_jax import export, parallel, validation
 from diffusion_jax.models import convert
 from diffusion_jax.run import checkpoint_step_arg, restore_ema
 
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def export_ema(config, workdir) -> Path:
     """Writes the file or folder of the module doc and returns its path."""
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     step, params, _ = restore_ema(config, workdir, checkpoint_step_arg(config))
     # Collective: every process gathers its shards, whatever the mesh; the main one writes.
     host = jax.tree.map(parallel.gather, params)

@@ -22,8 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, errors, export, metrics_io, parallel
-from diffusion_jax import config as config_lib
+from diffusion_jax import checkpointing, errors, export, metrics_io, parallel, validation
 from diffusion_jax import diffusion as dm
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
 from diffusion_jax.run import posthoc_path, run_keys, setup_run
@@ -86,7 +85,7 @@ def combine(manager, metas, weights: np.ndarray, run) -> list:
 def posthoc_ema(config, workdir) -> list[dict]:
     """Rebuilds eval.ema_sigma_rel, or each of eval.ema_sigma_rels (scored), from the
     snapshots; returns one record per width: its file, step, weights (and scores)."""
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     e = config.eval
     sweep = tuple(e.ema_sigma_rels)
     widths = sweep or ((e.ema_sigma_rel,) if e.ema_sigma_rel > 0 else ())

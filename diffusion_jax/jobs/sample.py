@@ -29,7 +29,7 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
-from diffusion_jax import errors, generation, metrics_io, objectives, parallel
+from diffusion_jax import errors, generation, metrics_io, objectives, parallel, validation
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert, create_autoencoder, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
@@ -49,7 +49,7 @@ RUN_SECTIONS = ("sampling", "training", "mesh", "eval")
 
 def sample(config, workdir) -> Path:
     """Writes the pictures of the module doc; returns the path of the main PNG."""
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     if config.pretrained:
         return text_to_image(config, workdir)
     step, params, run = restore_ema(config, workdir, checkpoint_step_arg(config))
@@ -98,7 +98,7 @@ def pipeline_config(config) -> tuple[dict, ml_collections.ConfigDict]:
     for section in RUN_SECTIONS:
         merged[section] = ml_collections.ConfigDict(config[section].to_dict())
     merged.sampling = pipeline_sampling(merged)
-    config_lib.validate(merged, jax.device_count())
+    validation.validate(merged, jax.device_count())
     return params, merged
 
 

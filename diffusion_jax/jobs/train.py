@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from diffusion_jax import checkpointing, errors, metrics_io, parallel
+from diffusion_jax import checkpointing, errors, metrics_io, parallel, validation
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
@@ -196,7 +196,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     """
     workdir = Path(workdir)
     t_cfg = config.training
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     check_resumable_config(config, workdir)
     if config_lib.is_latent(config):
         config = ensure_latents(config, workdir)
