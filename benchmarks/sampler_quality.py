@@ -30,7 +30,8 @@ from diffusion_jax import metrics_io
 from diffusion_jax.evaluation.evaluate import evaluate_step
 from diffusion_jax.jobs import train as train_job
 from diffusion_jax.jobs.posthoc_ema import posthoc_ema
-from diffusion_jax.run import restore_ema
+from diffusion_jax.run import run_keys, setup_run
+from diffusion_jax.weights import job_params
 
 NFES = (5, 8, 10, 15, 20, 50, 100)
 REFERENCE = ("ddpm", 1000)  # ancestral sampling at the full T
@@ -91,7 +92,8 @@ def main(argv=None) -> Path:
 
     if not (workdir / "checkpoints").is_dir():
         train_job.train_and_evaluate(config, workdir)
-    step, params, run = restore_ema(config, workdir, None)
+    run = setup_run(config, run_keys(config)[0])
+    step, params = job_params(config, workdir, run)
     rows = [score(config, run, params, step, *reference)]
     emit(benchmark="sampler_quality", step=step, **rows[-1])
     for sampler in samplers:

@@ -20,12 +20,14 @@ tests/test_layers.py checks both and names any import that breaks them.
    diffusers/transformers weights, one file per family, and the torch-free reader of
    `.pt` / `.pth` files they and Inception use) and `data/` (sources, the input pipeline,
    the latent shard format) know nothing of each other. Above them in this layer:
-   `objectives.py` (diffusion | autoencoder: the model, its init inputs, batch shapes,
+   `objectives/` (diffusion | autoencoder: the model, its init inputs, batch shapes,
    step inputs, loss, picture and scores, chosen once),
    `training/state.py` (the TrainState and optimizer) and `training/step.py` (the pure,
    sharded train step, given an objective).
-5. Generation: `generation.py` — the jitted sample function, grid labels, drawing many samples,
-   the sample grid. Used by training's pictures, evaluation and sample mode.
+5. Generation and weights: `generation.py` — the jitted sample function, grid labels,
+   drawing many samples, the sample grid, used by training's pictures, evaluation and sample
+   mode; `weights.py` — which parameters a job uses (a checkpoint's EMA, an exported file,
+   a post-hoc EMA, a pipeline folder, the autoencoder of a latent run), each read once.
 6. Run setup: `run.py` — what every job builds from a config: mesh, schedule, objective,
    model, optimizer, abstract and restored state, the autoencoder of a latent run, keys.
 7. Evaluation: `evaluation/` — Inception, the digits classifier, metrics, reference
@@ -33,8 +35,9 @@ tests/test_layers.py checks both and names any import that breaks them.
    the run setup hands it what it needs.
 8. Jobs: `jobs/`, one module per --mode: `train.py`, `sample.py` (text-to-image
    included), `encode.py`, `export_ema.py` (--mode=export), `posthoc_ema.py` (EMAs of
-   any length from snapshots); `preflight.py`,
-   everything a job needs checked before anything compiles or is written; `tools/`,
+   any length from snapshots); `preflight/`,
+   the run config resolved once (`preflight.resolve`) and everything a job needs checked
+   before anything compiles or is written; `tools/`,
    command-line programs other than the main one (`python -m diffusion_jax.tools.<name>`),
    which nothing imports.
 9. Command line: `main.py` — flags, help, pre-flight, dispatch by --mode, exit statuses;

@@ -188,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
     s.solver_order = placeholder(int)  # dpm_solver++: 1, 2 (2M, default) or 3 (3M)
     # dpm_solver++ with < 15 steps: first order on the last step, at most 2 on the one before.
     s.lower_order_final = placeholder(bool)
-    # "project" or "diffusers" (the per-scheduler habits of `samplers.Conventions`); default
+    # "project" or "diffusers" (the per-scheduler habits of `timesteps.Conventions`); default
     # "diffusers" for a pipeline folder, else "project".
     s.conventions = ""
     # Explicit descending timesteps, overriding num_steps and spacing; e.g. diffusers'
@@ -296,27 +296,58 @@ def resolved_sampling(config, implied: dict | None = None) -> ml_collections.Con
     return s
 
 
-def sample_arguments(config, sampling=None) -> dict:
-    """The `dm.sample` keyword arguments of a sampling section (`resolved_sampling(config)`
-    when not given) and config.diffusion: the sampler and its settings, not the model,
-    labels, guidance or keys."""
+# The config field of each `dm.SamplerSettings` option that `sample_settings` reads (the
+# field a sampler error names); s_tmin and s_tmax keep their defaults.
+SAMPLER_FIELDS = {
+    "sampler": "sampling.sampler",
+    "num_steps": "sampling.num_steps",
+    "spacing": "sampling.spacing",
+    "eta": "sampling.eta",
+    "timesteps": "sampling.timesteps",
+    "prediction": "diffusion.prediction",
+    "variance": "diffusion.variance",
+    "clip_denoised": "sampling.clip_denoised",
+    "guidance_scale": "sampling.guidance_scale",
+    "unipc_variant": "sampling.unipc_variant",
+    "s_churn": "sampling.s_churn",
+    "s_noise": "sampling.s_noise",
+    "steps_offset": "sampling.steps_offset",
+    "final_sigmas_type": "sampling.final_sigmas_type",
+    "karras_sigmas": "sampling.use_karras_sigmas",
+    "solver_order": "sampling.solver_order",
+    "lower_order_final": "sampling.lower_order_final",
+    "conventions": "sampling.conventions",
+}
+
+
+def sample_settings(config, sampling=None):
+    """The `dm.SamplerSettings` of a sampling section (`resolved_sampling(config)` when not
+    given) and config.diffusion (`SAMPLER_FIELDS`): the sampler, its options and guidance
+    (none for sampling.guidance_scale < 0, or 1: the conditional model in one evaluation);
+    not the model, labels or keys."""
+    from diffusion_jax.diffusion.sampler_settings import SamplerSettings
+
     s = sampling if sampling is not None else resolved_sampling(config)
-    return {
-        "sampler": s.sampler,
-        "num_steps": s.num_steps,
-        "spacing": s.spacing or None,
-        "timesteps": tuple(s.timesteps) or None,
-        "eta": s.eta,
-        "prediction": config.diffusion.prediction,
-        "variance": config.diffusion.variance,
-        "clip_denoised": bool(s.clip_denoised),
-        "unipc_variant": s.unipc_variant,
-        "s_churn": s.s_churn,
-        "s_noise": s.s_noise,
-        "steps_offset": s.steps_offset,
-        "final_sigmas_type": s.final_sigmas_type,
-        "karras_sigmas": s.use_karras_sigmas,
-        "solver_order": s.solver_order,
-        "lower_order_final": bool(s.lower_order_final),
-        "conventions": s.conventions,
-    }
+    guidance = s.guidance_scale if s.guidance_scale >= 0 else None
+    if guidance == 1.0:
+        guidance = None  # w = 1 is the conditional model: one network evaluation, not two
+    return SamplerSettings(
+        sampler=s.sampler,
+        num_steps=s.num_steps,
+        spacing=s.spacing or None,
+        timesteps=tuple(s.timesteps) or None,
+        eta=s.eta,
+        prediction=config.diffusion.prediction,
+        variance=config.diffusion.variance,
+        clip_denoised=bool(s.clip_denoised),
+        guidance_scale=guidance,
+        unipc_variant=s.unipc_variant,
+        s_churn=s.s_churn,
+        s_noise=s.s_noise,
+        steps_offset=s.steps_offset,
+        final_sigmas_type=s.final_sigmas_type,
+        karras_sigmas=s.use_karras_sigmas,
+        solver_order=s.solver_order,
+        lower_order_final=bool(s.lower_order_final),
+        conventions=s.conventions,
+    )

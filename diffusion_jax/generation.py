@@ -40,10 +40,7 @@ def make_sample_fn(
     None); with `return_x0_at`, fn returns (images, the x0 predictions of the first
     REVERSE_PROCESS_ROWS images at those steps (K, rows, H, W, C)).
     """
-    s = config.sampling
-    guidance = s.guidance_scale if s.guidance_scale >= 0 else None
-    if guidance == 1.0:
-        guidance = None  # w = 1 is the conditional model: one network evaluation, not two
+    settings = config_lib.sample_settings(config)  # guidance included: used only with labels
     size, channels = config_lib.model_input_shape(config)
     text = config_lib.is_text_conditioned(config)
     decode_fn, decoder_params = decoder if decoder is not None else (None, None)
@@ -66,11 +63,10 @@ def make_sample_fn(
             sched,
             key,
             x_T=x_T,
+            settings=settings,
             labels=cond,
-            guidance_scale=guidance if cond is not None else None,
             return_x0_at=return_x0_at,
             return_x0_rows=REVERSE_PROCESS_ROWS,
-            **config_lib.sample_arguments(config),
         )
         if decode_fn is None:
             return out

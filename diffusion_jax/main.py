@@ -150,7 +150,7 @@ def main(argv) -> None:
     if not parallel.is_main_process():  # one voice for the whole job
         logging.getLogger("diffusion_jax").setLevel(logging.WARNING)
     config, workdir, mode = FLAGS.config, FLAGS.workdir, FLAGS.mode
-    config = preflight.run_config(config)  # a fine-tuning run: the pipeline folder's network
+    config = preflight.resolve(config, workdir, mode)  # the one config every job runs
     preflight.check(config, workdir, mode)
     if mode == "train":
         from diffusion_jax.jobs.train import train_and_evaluate

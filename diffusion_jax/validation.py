@@ -17,11 +17,15 @@ from diffusion_jax.config import (
     EXPORT_FORMATS,
     MESH_AXES,
     OBJECTIVES,
+    SAMPLER_FIELDS,
     is_latent,
     is_text_conditioned,
     model_input_shape,
+    resolved_sampling,
+    sample_settings,
 )
-from diffusion_jax.diffusion import ema, losses, process, samplers, schedules
+from diffusion_jax.diffusion import ema, losses, schedules
+from diffusion_jax.diffusion.sampler_settings import SettingError
 from diffusion_jax.errors import ConfigError
 
 
@@ -47,8 +51,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
     _require_choice(f.schedule, schedules.SCHEDULES, "diffusion.schedule")
     _require(f.num_timesteps >= 1, "diffusion.num_timesteps", "must be >= 1")
-    _require_choice(f.prediction, process.PREDICTIONS, "diffusion.prediction")
-    _require_choice(f.variance, process.VARIANCES, "diffusion.variance")
+    _validate_sampler(config)
     _require_choice(f.loss_type, losses.LOSS_TYPES, "diffusion.loss_type")
     _require_choice(f.loss_weighting, losses.WEIGHTINGS, "diffusion.loss_weighting")
     learned = f.variance.startswith("learned")
@@ -56,26 +59,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         m.learn_sigma == learned,
         "model.learn_sigma",
         f"must be {learned} for diffusion.variance={f.variance!r}",
-    )
-    _require_choice(s.sampler, samplers.SAMPLERS, "sampling.sampler")
-    _require(
-        s.spacing in ("",) + samplers.SPACINGS,
-        "sampling.spacing",
-        f"unknown {s.spacing!r}; choose one of {samplers.SPACINGS}",
-    )
-    _validate_scheduler_fields(config)
-    _require_choice(s.unipc_variant, ("bh1", "bh2"), "sampling.unipc_variant")
-    _require(s.s_churn >= 0 and s.s_noise >= 0, "sampling.s_churn", "s_churn, s_noise >= 0")
-    steps = list(s.timesteps)
-    _require(
-        all(0 <= a < f.num_timesteps for a in steps) and steps == sorted(set(steps), reverse=True),
-        "sampling.timesteps",
-        f"must be distinct, descending and in [0, diffusion.num_timesteps={f.num_timesteps})",
-    )
-    _require(
-        1 <= s.num_steps <= f.num_timesteps,
-        "sampling.num_steps",
-        f"must be in [1, diffusion.num_timesteps={f.num_timesteps}]",
     )
     _require_choice(m.dtype, DTYPES, "model.dtype")
     _require(
@@ -128,6 +111,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "must be False for latent diffusion (latents are not in [-1, 1])",
         )
     _require_choice(m.arch, ARCHS, "model.arch")
+    if t.objective == "diffusion":
+        _validate_conditioning(config)
     if m.arch == "dit":
         if t.objective == "diffusion":
             _validate_dit(config)
@@ -238,49 +223,44 @@ def _validate_dit(config) -> None:
     )
 
 
-def _validate_scheduler_fields(config) -> None:
-    """The scheduler conventions of config.sampling, each unset or valid; not both Karras
-    sigmas and a spacing under the project's conventions (diffusers' Euler takes the range of
-    its Karras sigmas from the spaced timesteps)."""
-    s = config.sampling
-    karras = s.use_karras_sigmas
-    if karras is None and not config.pretrained:
-        karras = s.sampler in samplers.KARRAS_SAMPLERS
-    diffusers = s.conventions == "diffusers" or (config.pretrained and not s.conventions)
+def _validate_conditioning(config) -> None:
+    """Sampling settings that need a conditional model are refused where they would be
+    ignored: guidance without labels or text, a prompt without a text encoder, and guidance
+    against a null label the U-Net never learned (no dropped labels; w = 1 never uses it)."""
+    m, s, t = config.model, config.sampling, config.training
+    text = is_text_conditioned(config)
+    w = s.guidance_scale
     _require(
-        not (s.spacing and karras) or diffusers,
-        "sampling.spacing",
-        f"{s.sampler} steps over Karras sigmas; leave sampling.spacing empty or set "
-        "sampling.use_karras_sigmas=False",
+        w < 0 or m.class_conditional or text,
+        "sampling.guidance_scale",
+        f"{w:g} guides between labels, but the model is unconditional "
+        "(model.class_conditional=False, no text context): leave it < 0",
     )
     _require(
-        not karras or s.sampler in samplers.KARRAS_SAMPLERS or s.sampler.startswith("dpm_"),
-        "sampling.use_karras_sigmas",
-        f"{s.sampler} steps on timesteps; Karras sigmas are for euler, heun and dpm_solver++",
-    )
-    _require(s.steps_offset is None or s.steps_offset >= 0, "sampling.steps_offset", "must be >= 0")
-    _require(
-        s.final_sigmas_type in ("",) + samplers.FINAL_SIGMAS_TYPES,
-        "sampling.final_sigmas_type",
-        f"unknown {s.final_sigmas_type!r}; choose one of {samplers.FINAL_SIGMAS_TYPES}",
+        not s.prompt or text,
+        "sampling.prompt",
+        "the model takes no text (it needs model.context_dim > 0 and "
+        "model.context_source='text'); class-conditional models sample one row per label",
     )
     _require(
-        s.final_sigmas_type != "sigma_min" or s.sampler in samplers.FINITE_FINAL,
-        "sampling.final_sigmas_type",
-        f"{s.sampler} ends at the data; 'sigma_min' is for {samplers.FINITE_FINAL}",
+        m.arch != "unet" or not m.class_conditional or w < 0 or w == 1.0 or t.cond_drop_prob > 0,
+        "training.cond_drop_prob",
+        f"must be > 0 for guidance {w:g}: the null label is learned from dropped labels "
+        "(or sample at sampling.guidance_scale=1, the conditional model)",
     )
-    orders = samplers.SOLVER_ORDERS.get(s.sampler, ())
-    _require(
-        s.solver_order is None or s.solver_order in orders,
-        "sampling.solver_order",
-        f"{s.solver_order} does not apply to {s.sampler}"
-        + (f"; choose one of {orders}" if orders else ""),
-    )
-    _require(
-        s.conventions in ("",) + samplers.CONVENTION_NAMES,
-        "sampling.conventions",
-        f"unknown {s.conventions!r}; choose one of {samplers.CONVENTION_NAMES}",
-    )
+
+
+def _validate_sampler(config) -> None:
+    """The sampler options of config.sampling and config.diffusion, by the one copy of the
+    rules (`SamplerSettings.check`), each error naming its config field (`SAMPLER_FIELDS`).
+    Unset scheduler fields take the project's defaults; a pipeline folder's (read later,
+    `resolved_sampling`) are unknown here but for its conventions, diffusers'."""
+    implied = {"conventions": "diffusers"} if config.pretrained else None
+    settings = sample_settings(config, resolved_sampling(config, implied))
+    try:
+        settings.check(config.diffusion.num_timesteps)
+    except SettingError as e:
+        raise ConfigError(f"config.{SAMPLER_FIELDS[e.option]}: {e.text}") from None
 
 
 def _at_least(value, low, field: str):
@@ -321,7 +301,6 @@ def _validate_ranges(config) -> None:
         ("optim.warmup_steps", o.warmup_steps),
         ("optim.weight_decay", o.weight_decay),
         ("training.eval_every", t.eval_every),
-        ("sampling.eta", s.eta),
     ):
         _at_least(value, 0, field)
     _at_least(e.checkpoint_step, -1, "eval.checkpoint_step")

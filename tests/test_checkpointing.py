@@ -209,3 +209,38 @@ def test_export_then_sample_from_the_file(tmp_path):
     assert (other / "samples" / "sample_step_0.png").exists()
     with np.load(other / "samples" / "sample_step_0.npz") as f:
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (8, 16, 16, 1)
+
+
+def test_a_failed_save_is_checkpoint_error_on_an_orbax_without_its_private_module(
+    tmp_path, monkeypatch
+):
+    """orbax_compat's workaround for orbax's waiting threads uses orbax's private signaling
+    client; where that module is missing it does nothing, and a failed save still ends in
+    CheckpointError (not ImportError)."""
+    import errno
+
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src import futures
+
+    from diffusion_jax import errors
+
+    private = "orbax.checkpoint._src.futures.signaling_client"
+    monkeypatch.setitem(sys.modules, private, None)  # `import` of it raises ImportError
+    monkeypatch.delattr(futures, "signaling_client", raising=False)
+    original = ocp.JsonCheckpointHandler._save_fn
+
+    async def full_disk(self, meta, directory):
+        if meta["step"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return await original(self, meta, directory)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full_disk)
+    saver = checkpointing.Saver(checkpointing.make_manager(tmp_path))
+    state = {"w": np.arange(4, dtype=np.float32)}
+    saver.save(1, state, {"step": 1})
+    saver.wait()
+    with pytest.raises(errors.CheckpointError, match="checkpoint 2: could not write") as e:
+        saver.save(2, state, {"step": 2})
+        saver.wait()
+    assert "No space left on device" in str(e.value) and "from checkpoint 1" in str(e.value)
+    assert committed_steps(tmp_path) == [1]

@@ -275,7 +275,7 @@ def test_eval_and_sample_refuse_a_model_other_than_the_workdirs(tmp_path, monkey
 
     trained = load_config("digits.py", "smoke")
     (tmp_path / "config.json").write_text(trained.to_json_best_effort())
-    monkeypatch.setattr(preflight, "check_has_checkpoint", lambda config, workdir: None)
+    monkeypatch.setattr(preflight.workdir, "check_has_checkpoint", lambda config, workdir: None)
     preflight.check(trained, tmp_path, "eval")  # the same settings pass
     other = trained.copy_and_resolve_references()
     other.diffusion.schedule = "linear"

@@ -21,7 +21,8 @@ from diffusion_jax.models import create_model, factory, layers
 from diffusion_jax.models.convert import WEIGHTS_FILE, dit
 from diffusion_jax.models.dit import sincos_position_embedding
 from diffusion_jax.recipes import dit_model
-from diffusion_jax.run import restore_ema, schedule_from_config
+from diffusion_jax.run import run_keys, schedule_from_config, setup_run
+from diffusion_jax.weights import job_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SIZES = ("S/2", "B/2", "L/2", "XL/2")  # the order of the fixture's param_counts
@@ -272,4 +273,4 @@ def test_digits_dit_trains_through_the_command_line(tmp_path):
     config = load_digits_dit("cond,smoke")
     config.training.cond_drop_prob, config.sampling.guidance_scale = 0.0, -1.0
     with pytest.raises(errors.ConfigError, match=r"^config.training.cond_drop_prob: .* 11 rows"):
-        restore_ema(config, tmp_path, None)
+        job_params(config, tmp_path, setup_run(config, run_keys(config)[0]))

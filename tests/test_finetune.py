@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import objectives, preflight
+from diffusion_jax import export, objectives, preflight
 from diffusion_jax.data import latents
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.jobs import sample
@@ -26,7 +26,8 @@ from diffusion_jax.jobs.export_ema import export_ema
 from diffusion_jax.models import convert, create_model, create_unet
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
 from diffusion_jax.models.prompts import PromptEncoder
-from diffusion_jax.run import restore_ema, schedule_from_config, setup_run
+from diffusion_jax.run import run_keys, schedule_from_config, setup_run
+from diffusion_jax.weights import job_params
 
 ROOT = Path(__file__).parents[1]
 TINY_SD15 = ROOT / "tests" / "fixtures" / "tiny_sd15"
@@ -60,7 +61,7 @@ def finetune(tmp, **overrides):
     config.data.data_dir = str(image_folder(tmp / "images"))
     config.training.update(overrides)
     workdir = tmp / "run"
-    config = preflight.run_config(config)
+    config = preflight.resolve(config, workdir, "train")
     preflight.check(config, workdir, "train")
     state = train_job.train_and_evaluate(config, workdir)
     return config, workdir, state
@@ -153,7 +154,7 @@ def test_the_text_encoder_trains_and_exports(finetuned_with_text):
     frozen = copy.deepcopy(config)
     frozen.training.train_text_encoder = False
     with pytest.raises(ConfigError, match="^config.training.train_text_encoder: checkpoint 3"):
-        restore_ema(frozen, workdir, None)
+        job_params(frozen, workdir, setup_run(frozen, run_keys(frozen)[0]))
 
     config.eval.export_format = "diffusers"
     folder = export_ema(config, workdir)
@@ -206,7 +207,7 @@ def test_dropped_captions_become_the_empty_prompt(finetuned):
     np.testing.assert_array_equal(dropped_ids, dropped)  # the same key drops the same rows
 
 
-def test_stale_latents_are_encoded_again(finetuned, tmp_path, caplog):
+def test_stale_latents_are_encoded_again(finetuned, tmp_path, caplog, monkeypatch):
     """Shards whose contexts another text encoder made, or without the caption tokens a run
     that trains its text encoder reads, are encoded again before training; read directly,
     shards without tokens are one line."""
@@ -217,18 +218,24 @@ def test_stale_latents_are_encoded_again(finetuned, tmp_path, caplog):
     meta_file = tmp_path / "latents" / "train-meta.json"
     for change, reason in (
         ({"tokens": False}, "hold no caption tokens"),
-        ({"text_encoder_sha256": "0"}, "another text encoder"),
+        ({"text_encoder_sha256": "0", "text_encoder_stamp": None}, "another text encoder"),
     ):
         meta = json.loads(meta_file.read_text())
         meta_file.write_text(json.dumps({**meta, **change}))
         config.data.latents = ""
+        ensured = preflight.resolve(config, tmp_path, "train")
         with caplog.at_level(logging.INFO, logger="diffusion_jax"):
-            ensured = ensure_latents(config, tmp_path)
+            ensure_latents(ensured, tmp_path)
         assert reason in caplog.text
         assert (
             json.loads(meta_file.read_text())["text_encoder_sha256"] == meta["text_encoder_sha256"]
         )
         caplog.clear()
+    # Fresh shards: the text encoder's size and time tell it; nothing is hashed or encoded.
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "params_fingerprint", lambda _: pytest.fail("hashed again"))
+        ensure_latents(ensured, tmp_path)
+    assert "encoding" not in caplog.text
     context = latents.load_latents(ensured, "train")["context"]
     assert context.shape == (8, 77) and context.dtype == np.int32  # the caption tokens
     shard = sorted((tmp_path / "latents").glob("train-*.npz"))[0]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from test_training import batch_for, small_config, train
 
+from diffusion_jax import preflight
 from diffusion_jax.jobs import sample
 from diffusion_jax.jobs import train as train_job
 
@@ -76,6 +77,7 @@ def test_captions_become_text_contexts_for_training_and_sampling(tmp_path):
     t.batch_size, t.num_steps, t.log_every, t.ckpt_every, t.sample_every = 8, 2, 1, 2, 2
     s = c.sampling
     s.num_steps, s.num_samples, s.batch_size, s.clip_denoised = 3, 8, 8, False
+    c = preflight.resolve(c, tmp_path / "run", "train")
     state = train_job.train_and_evaluate(c, tmp_path / "run")
     assert int(state.step) == 2
 

@@ -253,6 +253,7 @@ def test_blur_baseline_keeps_constant_blocks_and_loses_detail():
 def test_text_to_image_equals_the_diffusers_pipeline(reference):
     """Prompt -> tokens -> CLIP -> guided DDIM over the same 5 timesteps from the same
     latents -> VAE decode: the whole of StableDiffusionPipeline."""
+    from diffusion_jax import preflight
     from diffusion_jax.config import base_config
     from diffusion_jax.jobs import sample
 
@@ -266,7 +267,7 @@ def test_text_to_image_equals_the_diffusers_pipeline(reference):
         tuple(int(t) for t in reference["pipeline_timesteps"]),
     )
     s.clip_denoised = False
-    _, generate = sample.build_sampler(config)
+    generate = sample.build_sampler(preflight.resolve(config, None, "sample"))
     x_T = jnp.asarray(reference["pipeline_latents"])
     x_T = jnp.concatenate([x_T] + [jnp.zeros_like(x_T)] * (generate.mesh.size - 1))
     images = generate(jax.random.key(0), generate.mesh.size, x_T)
@@ -280,7 +281,7 @@ def test_text_to_image_equals_the_diffusers_pipeline(reference):
 def test_autoencoder_weights_problems_name_the_field(tmp_path):
     from diffusion_jax.config import base_config
     from diffusion_jax.errors import ConfigError
-    from diffusion_jax.run import load_autoencoder
+    from diffusion_jax.weights import load_autoencoder
 
     config = base_config()
     config.autoencoder.weights = str(tmp_path / "missing")

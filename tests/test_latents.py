@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_jax import encode, export
+from diffusion_jax import export
 from diffusion_jax.config import base_config
 from diffusion_jax.data import latents
-from diffusion_jax.run import load_autoencoder
+from diffusion_jax.jobs import encode
+from diffusion_jax.weights import load_autoencoder
 
 TINY_VAE = Path(__file__).parent / "fixtures" / "tiny_sd" / "vae"
 
@@ -29,8 +30,9 @@ def shard_times(folder: Path) -> dict[str, int]:
 
 
 def test_latents_of_another_autoencoder_are_encoded_again(tmp_path, caplog):
-    config = latent_config()
-    encoded = encode.ensure_latents(config, tmp_path)
+    config = latents.with_latents_dir(latent_config(), tmp_path)  # as preflight.resolve does
+    encode.ensure_latents(config, tmp_path)
+    encoded = config
     folder = Path(encoded.data.latents)
     meta = latents.read_meta(folder, "train")
     _, params = load_autoencoder(config)

@@ -29,6 +29,7 @@ LAYERS = {
     "diffusion_jax.training.state": 4.5,
     "diffusion_jax.training.step": 4.5,
     "diffusion_jax.generation": 5,
+    "diffusion_jax.weights": 5,
     "diffusion_jax.run": 6,
     "diffusion_jax.evaluation": 7,
     "diffusion_jax.jobs": 8,

@@ -19,8 +19,9 @@ from diffusion_jax.evaluation import evaluate
 from diffusion_jax.jobs import sample
 from diffusion_jax.jobs import train as train_job
 from diffusion_jax.jobs.posthoc_ema import posthoc_ema
-from diffusion_jax.run import posthoc_path, run_keys, setup_run
+from diffusion_jax.run import run_keys, setup_run
 from diffusion_jax.training.state import ema_update
+from diffusion_jax.weights import posthoc_path
 
 
 def test_sigma_rel_and_exponent_match_edm2s_values():

@@ -19,6 +19,7 @@ import pytest
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
+from diffusion_jax import preflight
 from diffusion_jax.config import base_config
 from diffusion_jax.jobs import sample as sample_lib
 from diffusion_jax.models import convert, create_unet
@@ -94,16 +95,16 @@ def test_scheduler_rules_equal_diffusers_schedulers(reference, case):
     scheduler = json.loads(str(reference[f"toy_{case}_config"]))
     steps = reference[f"toy_{case}_steps"].tolist()
     config, sampling = run_config(scheduler, SAMPLERS[case.split("_")[0]], steps)
-    kwargs = config_lib.sample_arguments(config, sampling)
+    settings = config_lib.sample_settings(config, sampling)
     grid = dm.sampling_grid(
         schedule_from_config(config),
-        kwargs["sampler"],
+        settings.sampler,
         len(reference[f"toy_{case}_timesteps"]),
-        spacing=kwargs["spacing"] or dm.default_spacing(kwargs["sampler"], "diffusers"),
-        steps_offset=kwargs["steps_offset"],
-        timesteps=kwargs["timesteps"],
-        karras_sigmas=kwargs["karras_sigmas"],
-        conventions=dm.conventions_for("diffusers", kwargs["sampler"]),
+        spacing=settings.spacing or dm.default_spacing(settings.sampler, "diffusers"),
+        steps_offset=settings.steps_offset,
+        timesteps=settings.timesteps,
+        karras_sigmas=settings.karras_sigmas,
+        conventions=dm.conventions_for("diffusers", settings.sampler),
     )
     np.testing.assert_allclose(grid[0], reference[f"toy_{case}_timesteps"], rtol=1e-4, atol=1e-3)
     out = dm.sample(
@@ -111,7 +112,7 @@ def test_scheduler_rules_equal_diffusers_schedulers(reference, case):
         schedule_from_config(config),
         jax.random.key(0),
         x_T=jnp.asarray(reference["toy_noise"]),
-        **kwargs,
+        settings=settings,
     )
     theirs = reference[f"toy_{case}_sample"]
     np.testing.assert_allclose(out, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
@@ -161,7 +162,8 @@ def pipeline_run(name, reference, sampler="ddim", **sampling):
 def picture(config, reference):
     """(the pipeline's config, its image (1, H, W, 3) in [0, 1] from the fixture's initial
     latents)."""
-    config, generate = sample_lib.build_sampler(config)
+    config = preflight.resolve(config, None, "sample")
+    generate = sample_lib.build_sampler(config)
     x_T = jnp.asarray(reference["latents"])
     x_T = jnp.concatenate([x_T] + [jnp.zeros_like(x_T)] * (generate.mesh.size - 1))
     images = generate(jax.random.key(0), generate.mesh.size, x_T)
@@ -224,15 +226,15 @@ def test_pipeline_samplers_equal_diffusers(sd15, reference, case, sampler, overr
     # As --mode=sample merges them: the folder's model, the user's sampling section.
     merged = ml_collections.ConfigDict(pipeline.to_dict())
     merged.sampling = ml_collections.ConfigDict(user.sampling.to_dict())
-    merged.sampling = sample_lib.pipeline_sampling(merged)
+    merged.sampling = convert.pipeline_sampling(merged, merged.pretrained)
     out = dm.sample(
         model_fn,
         schedule_from_config(merged),
         jax.random.key(0),
         x_T=jnp.asarray(reference["latents"]),
         labels=context,
+        settings=config_lib.sample_settings(merged),
         guidance_scale=float(reference["guidance_scale"]),
-        **config_lib.sample_arguments(merged),
     )
     theirs = reference[f"sd15_{case}_latents"]
     # Latents of random weights reach ~50; 2e-4 of that, as tight as the images' 2e-3 of 1.

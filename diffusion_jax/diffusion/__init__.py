@@ -1,6 +1,13 @@
 """Pure diffusion math: schedules, the forward process, losses, samplers, likelihood and the
 power-function EMA profiles.
 
+Modules: schedules.py (beta schedules), process.py (q(x_t|x_0), the posterior, eps/x0/v),
+losses.py, likelihood.py (bits/dim), ema.py (power-function EMA profiles); the samplers:
+sampler_settings.py (`SamplerSettings`: every sampler option, their rules, NFE),
+timesteps.py (the grids: spacings, Karras sigmas, diffusers' conventions), ancestral.py
+(DDPM and DDIM steps), multistep.py (DPM-Solver++, UniPC), karras.py (Euler, Heun) and
+sampling_loop.py (`sample`: the jitted scan over the steps, guidance).
+
 from diffusion_jax import diffusion as dm
 sched = dm.make_schedule("cosine", num_timesteps=1000)
 x0 = dm.sample(model_fn, sched, key, x_T=x_T, sampler="ddim", num_steps=50)
@@ -34,15 +41,8 @@ from diffusion_jax.diffusion.process import (
     x0_from_eps,
     x0_from_v,
 )
-from diffusion_jax.diffusion.samplers import (
-    SAMPLERS,
-    conventions_for,
-    default_spacing,
-    nfe,
-    respaced_timesteps,
-    sample,
-    sampling_grid,
-)
+from diffusion_jax.diffusion.sampler_settings import SAMPLERS, SamplerSettings, nfe
+from diffusion_jax.diffusion.sampling_loop import sample
 from diffusion_jax.diffusion.schedules import (
     SCHEDULES,
     Schedule,
@@ -50,10 +50,17 @@ from diffusion_jax.diffusion.schedules import (
     schedule_from_alphas_cumprod,
     schedule_from_betas,
 )
+from diffusion_jax.diffusion.timesteps import (
+    conventions_for,
+    default_spacing,
+    respaced_timesteps,
+    sampling_grid,
+)
 
 __all__ = [
     "SAMPLERS",
     "SCHEDULES",
+    "SamplerSettings",
     "Schedule",
     "bits_per_dim",
     "conventions_for",

@@ -14,14 +14,14 @@ interpolates a fractional timestep in log sigma, which needs a network that acce
 non-integer t; our model_fn takes int32 timesteps.
 
 Two conventions of diffusers' EulerDiscreteScheduler are arguments here rather than
-choices, so that a pipeline folder samples as diffusers does (`samplers.CONVENTIONS`):
+choices, so that a pipeline folder samples as diffusers does (`timesteps.Conventions`):
 the Karras sigmas may span the spaced timesteps' sigmas instead of the schedule's, and a
 sigma may become a fractional timestep t(sigma) (`timestep_of_sigma`) at which the network
 is evaluated, with the solver on the exact sigma. The grid's levels then are not the
 table's: each step carries its own abar = 1 / (1 + sigma^2).
 
 A step function is `step(ctx, carry, i) -> (carry, x0)`; ctx is the sampler context of
-`samplers.py` (timesteps (K,), the level abar of each step, alpha and sigma (K + 1,) with
+`sampling_loop.py` (timesteps (K,), the level abar of each step, alpha and sigma (K + 1,) with
 the final point appended, the schedule, the churn settings, `x0`, `x0_at` and `noise`).
 """
 

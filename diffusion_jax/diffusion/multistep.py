@@ -14,7 +14,7 @@ With a final abar < 1 (diffusers' final_sigmas_type="sigma_min": the level of t 
 last step is an ordinary finite step to it.
 
 A step function is `step(ctx, carry, i) -> (carry, m_i)` with carry[0] the sample; ctx is the
-sampler context of `samplers.py` (alpha, sigma, lam (K + 1,), num_steps, final_is_data,
+sampler context of `sampling_loop.py` (alpha, sigma, lam (K + 1,), num_steps, final_is_data,
 solver_order, lower_order_final, `x0`, `noise`).
 """
 

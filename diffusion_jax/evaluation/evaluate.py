@@ -17,12 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpointing, errors, metrics_io, parallel, validation
+from diffusion_jax import checkpointing, errors, metrics_io, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation import digits_classifier, inception, metrics
-from diffusion_jax.run import posthoc_steps, restore_ema, run_keys
+from diffusion_jax.run import run_keys, setup_run
+from diffusion_jax.weights import (
+    current_posthoc_step,
+    describe,
+    is_rebuilt,
+    job_params,
+    posthoc_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,19 +189,29 @@ def ema_name(config) -> str:
 
 def settings_key(config) -> str:
     """A short hash of everything that decides an evaluation's numbers besides the weights:
-    the sampling and eval sections (but eval.checkpoint_step) and the seed. Results are
-    keyed by it, so new settings give a new result instead of "already done"."""
+    the sampling and eval sections (but eval.checkpoint_step, and the list of a post-hoc
+    sweep: each width of it is scored as eval.ema_sigma_rel alone is) and the seed. Results
+    are keyed by it, so new settings give a new result instead of "already done"."""
     e = config.eval.to_dict()
     e.pop("checkpoint_step", None)
+    e["ema_sigma_rels"] = ()  # base_config's, so that results keep their keys
     fields = {"sampling": config.sampling.to_dict(), "eval": e, "seed": config.training.seed}
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def existing_result(workdir, step: int, key: str) -> Path | None:
-    """The result file of `step` made with the settings `key`, if there is one."""
+def result_name(config, step: int) -> str:
+    """What a result is named after: eval/step_<step> for the weights of a training step,
+    eval/file_<name> for eval.params_file (whatever step it was exported at)."""
+    if config.eval.params_file:
+        return f"file_{Path(config.eval.params_file).stem}"
+    return f"step_{step}"
+
+
+def existing_result(workdir, name: str, key: str) -> Path | None:
+    """The result file `name` (`result_name`) made with the settings `key`, if there is one."""
     folder = eval_dir(workdir)
-    for path in [folder / f"step_{step}.json", *sorted(folder.glob(f"step_{step}-*.json"))]:
+    for path in [folder / f"{name}.json", *sorted(folder.glob(f"{name}-*.json"))]:
         try:
             if json.loads(path.read_text()).get("settings") == key:
                 return path
@@ -203,22 +220,25 @@ def existing_result(workdir, step: int, key: str) -> Path | None:
     return None
 
 
-def result_path(workdir, step: int, key: str) -> Path:
-    """eval/step_<step>.json, or eval/step_<step>-<key>.json when that holds a result of
-    other settings."""
-    plain = eval_dir(workdir) / f"step_{step}.json"
-    if not plain.exists() or existing_result(workdir, step, key) == plain:
+def result_path(workdir, name: str, key: str) -> Path:
+    """eval/<name>.json, or eval/<name>-<key>.json when that holds a result of other
+    settings."""
+    plain = eval_dir(workdir) / f"{name}.json"
+    if not plain.exists() or existing_result(workdir, name, key) == plain:
         return plain
-    return eval_dir(workdir) / f"step_{step}-{key}.json"
+    return eval_dir(workdir) / f"{name}-{key}.json"
 
 
 def evaluate_and_write(config, workdir, step, params, run) -> dict:
-    """Scores `params` (the EMA weights of `step`) and writes eval/step_<step>.json (or
-    step_<step>-<settings>.json beside a result of other settings)."""
+    """Scores `params` (the EMA weights of `step`, or eval.params_file) and writes
+    eval/<result_name>.json (or <result_name>-<settings>.json beside a result of other
+    settings)."""
     key = settings_key(config)
     result = {**evaluate_step(config, step, params, run), "settings": key}
+    if config.eval.params_file:
+        result.update(step=None, params_file=str(config.eval.params_file))
     if parallel.is_main_process():
-        path = result_path(workdir, step, key)
+        path = result_path(workdir, result_name(config, step), key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         scores = {
@@ -226,39 +246,52 @@ def evaluate_and_write(config, workdir, step, params, run) -> dict:
             for k in result
             if k in METRICS + ("digits_confident", "reconstruction_mse", "blur_mse")
         }
-        log.info("eval: wrote %s: %s", path, scores)
+        log.info("eval: wrote %s (%s): %s", path, result["ema"], scores)
     return result
 
 
 def evaluate(config, workdir, steps=None) -> list[dict]:
-    """Scores each checkpoint that has no result with these settings yet, or
-    eval.checkpoint_step, or the given steps; says in the log what it scored."""
-    validation.validate(config, jax.device_count())
-    if steps is None and config.eval.checkpoint_step >= 0:
+    """Scores what has no result with these settings yet and says in the log what it scored:
+    the given steps, or eval.checkpoint_step, or every checkpoint (every rebuild of an
+    untracked eval.ema_sigma_rel, the newest being current); eval.params_file once, as
+    eval/file_<name>.json; each width of a sweep eval.ema_sigma_rels as eval.ema_sigma_rel."""
+    if steps is None and config.eval.ema_sigma_rels:
+        results = []
+        for width in config.eval.ema_sigma_rels:
+            one = config.copy_and_resolve_references()
+            one.eval.ema_sigma_rel, one.eval.ema_sigma_rels = width, ()
+            results += evaluate(one, workdir)
+        return results
+    if config.eval.params_file:
+        steps = [0]
+    elif steps is None and config.eval.checkpoint_step >= 0:
         steps = [config.eval.checkpoint_step]
-    width = config.eval.ema_sigma_rel
-    if steps is None and width > 0 and width not in tuple(config.optim.ema_sigma_rels):
+    elif steps is None and is_rebuilt(config):
+        width = config.eval.ema_sigma_rel
+        current_posthoc_step(workdir, width)  # a stale rebuild is one line, not scored
         steps = posthoc_steps(workdir, width)
-    if steps is None:
+    elif steps is None:
         steps = checkpointing.make_manager(workdir, read_only=True).all_steps()
     key = settings_key(config)
-    done = {s: existing_result(workdir, s, key) for s in sorted(steps)}
+    done = {s: existing_result(workdir, result_name(config, s), key) for s in sorted(steps)}
     todo = [s for s, path in done.items() if path is None]
     if not todo:
         names = ", ".join(str(p.relative_to(workdir)) for p in done.values() if p)
         log.info(
-            "eval: nothing new to score in %s: step(s) %s already have results with these "
-            "settings (%s); other eval.* or sampling.* settings make a new result",
+            "eval: nothing new to score in %s: %s already scored with these settings (%s); "
+            "other eval.* or sampling.* settings make a new result",
             workdir,
-            sorted(done),
             names,
+            describe(config, max(done)),
         )
-    results, run = [], None  # one run setup (and compiled sampler) for every checkpoint
+    results = []
+    run = setup_run(config, run_keys(config)[0]) if todo else None  # one for every step
     for asked in todo:
         # A corrupt checkpoint is moved aside and an older one restored in its place.
-        step, params, run = restore_ema(config, workdir, asked, run)
+        step, params = job_params(config, workdir, run, asked)
         if step != asked and (
-            step in {r["step"] for r in results} or existing_result(workdir, step, key)
+            step in {r["step"] for r in results}
+            or existing_result(workdir, result_name(config, step), key)
         ):
             log.info(
                 "eval: checkpoint %d could not be read; %d, restored instead, is already scored",
@@ -266,7 +299,10 @@ def evaluate(config, workdir, steps=None) -> list[dict]:
                 step,
             )
             continue
+        log.info("eval: scoring %s", describe(config, step))
         results.append(evaluate_and_write(config, workdir, step, params, run))
     if todo:
-        log.info("eval: scored step(s) %s of %s", [r["step"] for r in results], workdir)
+        log.info(
+            "eval: scored %s of %s", [result_name(config, r["step"] or 0) for r in results], workdir
+        )
     return results

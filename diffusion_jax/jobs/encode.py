@@ -19,7 +19,7 @@ from diffusion_jax import errors, export, parallel
 from diffusion_jax.data import folder, latents, pipeline, tfds_source
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models.prompts import PromptEncoder
-from diffusion_jax.run import load_autoencoder
+from diffusion_jax.weights import autoencoder_fingerprint, load_autoencoder, text_encoder_stamp
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,14 @@ def _local_batches(config, split: str, per_host: int):
     )
 
 
-def ensure_latents(config, workdir):
-    """`config` with data.latents set, its training split's shards encoded first when they
-    are missing, or are stale (`_stale`)."""
-    config = latents.with_latents_dir(config, workdir)
+def ensure_latents(config, workdir) -> None:
+    """Encodes the training split of a latent run to data.latents (located by
+    `preflight.resolve`) when its shards are missing, or are stale (`_stale`)."""
+    if not config.data.latents:
+        raise errors.ConfigError(
+            "config.data.latents: not located; jobs take the run config that "
+            "preflight.resolve gives"
+        )
     split = config.data.train_split
     autoencoder = load_autoencoder(config)
     if not latents.latents_exist(config, split):
@@ -58,10 +62,9 @@ def ensure_latents(config, workdir):
     else:
         reason = _stale(config, latents.read_meta(config.data.latents, split), autoencoder)
         if reason is None:
-            return config
+            return
         log.warning("latents: %s/%s-* %s; encoding again", config.data.latents, split, reason)
     encode_dataset(config, workdir, autoencoder=autoencoder)
-    return config
 
 
 def _stale(config, meta: dict, autoencoder) -> str | None:
@@ -69,16 +72,18 @@ def _stale(config, meta: dict, autoencoder) -> str | None:
     autoencoder than autoencoder.weights, or (text models) their contexts by another text
     encoder than text_encoder.weights, or without the caption tokens a run that trains its
     text encoder reads."""
-    if meta.get("autoencoder_sha256") != export.params_fingerprint(autoencoder[1]):
+    if meta.get("autoencoder_sha256") != autoencoder_fingerprint(config):
         return (
             f"were made by another autoencoder ({meta.get('autoencoder', '?')}) than "
             f"{config.autoencoder.weights or config.pretrained}"
         )
     if not config_lib.is_text_conditioned(config):
         return None
-    encoder = PromptEncoder.from_folder(config.text_encoder.weights)
-    if meta.get("text_encoder_sha256") != export.params_fingerprint(encoder.params):
-        return f"hold the contexts of another text encoder than {config.text_encoder.weights}"
+    # The weights' size and time tell the same file without hashing its 0.5 GB again.
+    if meta.get("text_encoder_stamp") != text_encoder_stamp(config.text_encoder.weights):
+        encoder = PromptEncoder.from_folder(config.text_encoder.weights)
+        if meta.get("text_encoder_sha256") != export.params_fingerprint(encoder.params):
+            return f"hold the contexts of another text encoder than {config.text_encoder.weights}"
     if config.training.train_text_encoder and not meta.get("tokens"):
         return "hold no caption tokens"
     return None
@@ -92,7 +97,7 @@ def encode_dataset(config, workdir, split: str | None = None, autoencoder=None) 
     out_dir = latents.latents_dir(config, workdir)
     mesh = parallel.make_mesh(config)
     model, params = autoencoder or load_autoencoder(config)
-    fingerprint = export.params_fingerprint(params)
+    fingerprint = autoencoder_fingerprint(config)
     params = jax.device_put(params, parallel.replicated(mesh))
     scaling = config.autoencoder.scaling_factor
     encode = ae_lib.make_encode_fn(model, scaling, mesh)
@@ -148,6 +153,7 @@ def encode_dataset(config, workdir, split: str | None = None, autoencoder=None) 
         if encoder is not None:
             meta["text_encoder"] = str(config.text_encoder.weights)
             meta["text_encoder_sha256"] = export.params_fingerprint(encoder.params)
+            meta["text_encoder_stamp"] = text_encoder_stamp(config.text_encoder.weights)
         latents.write_meta(out_dir, split, meta)
     # Every host reads every shard next: none may start before all are written.
     _barrier("latent shards written")

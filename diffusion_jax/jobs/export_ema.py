@@ -1,7 +1,9 @@
 """--mode=export: the EMA weights of a checkpoint to share.
 
 eval.export_format="msgpack" (default) writes <workdir>/export/ema_step_<N>.msgpack (the
-newest checkpoint, or eval.checkpoint_step) with the run config beside it (.json);
+exponential EMA of the newest checkpoint, or eval.checkpoint_step), or
+ema_sigma_rel_<w>_step_<N>.msgpack for the EMA of width eval.ema_sigma_rel, with the run
+config beside it (.json);
 `--mode=eval|sample` read such a file through eval.params_file. "diffusers" writes a run
 fine-tuned from a pipeline folder (training.init_from) back as a pipeline folder,
 <workdir>/export/diffusers_step_<N>/: the source folder with the EMA U-Net in unet/ (and
@@ -17,21 +19,23 @@ from pathlib import Path
 
 import jax
 
-from diffusion_jax import export, parallel, validation
+from diffusion_jax import export, parallel, weights
 from diffusion_jax.models import convert
-from diffusion_jax.run import checkpoint_step_arg, restore_ema
+from diffusion_jax.run import run_keys, setup_run
+from diffusion_jax.weights import checkpoint_step_arg, job_params
 
 log = logging.getLogger(__name__)
 
 
 def export_ema(config, workdir) -> Path:
     """Writes the file or folder of the module doc and returns its path."""
-    validation.validate(config, jax.device_count())
-    step, params, _ = restore_ema(config, workdir, checkpoint_step_arg(config))
+    run = setup_run(config, run_keys(config)[0])
+    step, params = job_params(config, workdir, run, checkpoint_step_arg(config))
     # Collective: every process gathers its shards, whatever the mesh; the main one writes.
     host = jax.tree.map(parallel.gather, params)
     if config.eval.export_format == "diffusers":
-        path = Path(workdir) / "export" / f"diffusers_step_{step}"
+        stem = weights.ema_file_name(config, step).replace("ema_", "", 1)
+        path = Path(workdir) / "export" / f"diffusers_{stem}"
         if parallel.is_main_process():
             if config.training.train_text_encoder:
                 convert.to_pipeline(
@@ -41,8 +45,13 @@ def export_ema(config, workdir) -> Path:
                 convert.to_pipeline(host, path, config.training.init_from)
             log.info("export: wrote the pipeline folder %s", path)
         return path
-    path = Path(workdir) / "export" / f"ema_step_{step}.msgpack"
+    path = Path(workdir) / "export" / f"{weights.ema_file_name(config, step)}.msgpack"
     if parallel.is_main_process():
         export.save_params(path, host, config)
-        log.info("export: wrote %s and %s", path, export.config_path(path).name)
+        log.info(
+            "export: wrote %s and %s: %s",
+            path,
+            export.config_path(path).name,
+            weights.describe(config, step),
+        )
     return path

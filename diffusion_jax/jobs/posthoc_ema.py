@@ -22,10 +22,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, errors, export, metrics_io, parallel, validation
+from diffusion_jax import checkpointing, errors, export, metrics_io, parallel
 from diffusion_jax import diffusion as dm
-from diffusion_jax.evaluation.evaluate import evaluate_and_write
-from diffusion_jax.run import posthoc_path, run_keys, setup_run
+from diffusion_jax.evaluation.evaluate import (
+    evaluate_and_write,
+    existing_result,
+    result_name,
+    settings_key,
+)
+from diffusion_jax.run import run_keys, setup_run
+from diffusion_jax.weights import posthoc_path
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +91,6 @@ def combine(manager, metas, weights: np.ndarray, run) -> list:
 def posthoc_ema(config, workdir) -> list[dict]:
     """Rebuilds eval.ema_sigma_rel, or each of eval.ema_sigma_rels (scored), from the
     snapshots; returns one record per width: its file, step, weights (and scores)."""
-    validation.validate(config, jax.device_count())
     e = config.eval
     sweep = tuple(e.ema_sigma_rels)
     widths = sweep or ((e.ema_sigma_rel,) if e.ema_sigma_rel > 0 else ())
@@ -131,11 +136,30 @@ def posthoc_ema(config, workdir) -> list[dict]:
                 + "\n"
             )
             log.info("posthoc_ema: wrote %s", path)
+        tracked = metas[-1][1]["sigma_rels"]
+        if not min(tracked) <= width <= max(tracked):
+            log.warning(
+                "posthoc_ema: width %g is outside the tracked widths %s: it is extrapolated, "
+                "from snapshot weights between %.2f and %.2f (widths inside that range are "
+                "rebuilt reliably)",
+                width,
+                list(tracked),
+                weights[:, j].min(),
+                weights[:, j].max(),
+            )
         if sweep:
             scored = config.copy_and_resolve_references()
             with scored.unlocked():
                 scored.eval.ema_sigma_rel = width
-            record.update(evaluate_and_write(scored, workdir, step, params, run))
+            key = settings_key(scored)
+            done = existing_result(workdir, result_name(scored, step), key)
+            if done is not None:  # the same width, step and settings: scored already
+                log.info(
+                    "posthoc_ema: width %g at step %d is already scored in %s", width, step, done
+                )
+                record.update(json.loads(done.read_text()))
+            else:
+                record.update(evaluate_and_write(scored, workdir, step, params, run))
         records.append(record)
     manager.close()
     if sweep and parallel.is_main_process():

@@ -3,9 +3,13 @@ pipeline folder (`config.pretrained`).
 
 From a checkpoint (the newest, or eval.checkpoint_step) of a diffusion run it writes
 samples/sample_step_<N>.png, an .npz of the uint8 images (arr_0, the layout
-guided-diffusion's evaluator reads, plus labels) and samples/reverse_step_<N>.png, the x0
-predictions along the reverse process of the first images, taken from the same sampling pass;
-of an autoencoder run, its reconstructions.
+guided-diffusion's evaluator reads, plus labels and what made them: sampler, nfe, ema, step,
+seed, guidance_scale), a .json of the same record, and samples/reverse_step_<N>.png, the x0
+predictions along the reverse process of the first images, taken from the same sampling
+pass; of an autoencoder run, its reconstructions. The name says which weights
+(`weights.ema_file_name`: sample_sigma_rel_<w>_step_<N> for a power-function EMA,
+sample_file_<name> for eval.params_file), and other sampling settings than those already
+written there get -<settings> appended: no run overwrites another's pictures.
 
 From a pipeline folder (Stable Diffusion v1.x layout) the prompt and the negative prompt go
 through the tokenizer and CLIP's text transformer to contexts (1, 77, D); the U-Net denoises
@@ -28,31 +32,23 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import diffusion as dm
-from diffusion_jax import errors, generation, metrics_io, objectives, parallel, validation
+from diffusion_jax import errors, generation, metrics_io, parallel, weights
+from diffusion_jax.evaluation.evaluate import settings_key
 from diffusion_jax.models import autoencoder as ae_lib
-from diffusion_jax.models import convert, create_autoencoder, create_unet
+from diffusion_jax.models import create_autoencoder, create_unet, prompts
 from diffusion_jax.models.clip_tokenizer import CLIPTokenizer
 from diffusion_jax.models.prompts import PromptEncoder
-from diffusion_jax.run import (
-    checkpoint_step_arg,
-    restore_ema,
-    run_keys,
-    schedule_from_config,
-)
+from diffusion_jax.run import run_keys, schedule_from_config, setup_run
 
 log = logging.getLogger(__name__)
-
-# Sections of the user's config kept over a pipeline folder's own description.
-RUN_SECTIONS = ("sampling", "training", "mesh", "eval")
 
 
 def sample(config, workdir) -> Path:
     """Writes the pictures of the module doc; returns the path of the main PNG."""
-    validation.validate(config, jax.device_count())
     if config.pretrained:
         return text_to_image(config, workdir)
-    step, params, run = restore_ema(config, workdir, checkpoint_step_arg(config))
+    run = setup_run(config, run_keys(config)[0])
+    step, params = weights.job_params(config, workdir, run, weights.checkpoint_step_arg(config))
     _, _, sample_key = run_keys(config)
     key = jax.random.fold_in(sample_key, 2_000_000 + step)
     if not run.objective.generative:
@@ -61,55 +57,82 @@ def sample(config, workdir) -> Path:
     labels = generation.grid_labels(config, num)
     if config_lib.is_text_conditioned(config) and config.sampling.prompt:
         labels = prompt_contexts(config, num)
+    t0 = time.perf_counter()
     images, trajectory = run.generate(
         params, num, key, labels=labels, x0_at=generation.reverse_process_steps(config)
     )
-    out_dir = metrics_io.samples_dir(workdir)
-    out = out_dir / f"sample_step_{step}"
+    record = {
+        "step": None if config.eval.params_file else step,
+        "ema": weights.describe(config, step),
+        **config_lib.sample_settings(config).record(),
+        "guidance_scale": _guidance(config),
+        "num_samples": num,
+        "seed": config.training.seed,
+        "settings": settings_key(config),
+    }
+    out = _free_stem(metrics_io.samples_dir(workdir), weights.ema_file_name(config, step), record)
+    log.info(
+        "sample: %d images in %.1fs from %s with %s, NFE %d, guidance %s -> %s",
+        len(images),
+        time.perf_counter() - t0,
+        record["ema"],
+        record["sampler"],
+        record["nfe"],
+        record["guidance_scale"],
+        _file(out, ".png"),
+    )
     if parallel.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: np.asarray("" if v is None else v) for k, v in record.items()}
         np.savez(
-            out.with_suffix(".npz"),
+            _file(out, ".npz"),
             arr_0=images,
             labels=np.asarray(labels) if np.ndim(labels) == 1 else np.zeros(0, np.int32),
+            **meta,
         )
+        _file(out, ".json").write_text(json.dumps(record, indent=2) + "\n")
         rows = config.data.num_classes if config.model.class_conditional else None
-        metrics_io.save_grid(out.with_suffix(".png"), metrics_io.from_uint8(images), rows=rows)
-        generation.save_reverse_process(out_dir / f"reverse_step_{step}.png", trajectory)
-    return out.with_suffix(".png")
+        metrics_io.save_grid(_file(out, ".png"), metrics_io.from_uint8(images), rows=rows)
+        reverse = out.parent / out.name.replace("sample_", "reverse_", 1)
+        generation.save_reverse_process(_file(reverse, ".png"), trajectory)
+    return _file(out, ".png")
+
+
+def _guidance(config) -> float | None:
+    """The guidance weight sampling applies: None without labels or for w < 0."""
+    w = config.sampling.guidance_scale
+    guided = config.model.class_conditional or config_lib.is_text_conditioned(config)
+    return float(w) if guided and w >= 0 else None
+
+
+def _file(stem: Path, extension: str) -> Path:
+    """stem + extension: a width's stem holds a dot (sigma_rel_0.0700_...), which
+    Path.with_suffix would take for the suffix."""
+    return stem.with_name(stem.name + extension)
+
+
+def _free_stem(folder: Path, ema_stem: str, record: dict) -> Path:
+    """samples/sample_<what>: sample_step_<N> for a checkpoint's exponential EMA (the other
+    averages and files by `weights.ema_file_name`), with -<settings> appended when that name
+    holds samples of other settings, so that no sampling run overwrites another's."""
+    plain = folder / f"sample_{ema_stem.removeprefix('ema_')}"
+    try:
+        same = json.loads(_file(plain, ".json").read_text()).get("settings")
+    except (OSError, ValueError):
+        same = None if _file(plain, ".png").exists() else record["settings"]
+    if same == record["settings"]:
+        return plain
+    return plain.with_name(f"{plain.name}-{record['settings']}")
 
 
 def prompt_contexts(config, num: int) -> np.ndarray:
-    """sampling.prompt as the network takes it (`objectives.prompt_context`), repeated:
+    """sampling.prompt as the network takes it (`prompts.prompt_context`), repeated:
     (num, ...)."""
-    context = objectives.prompt_context(config, config.sampling.prompt)
+    context = prompts.prompt_context(config, config.sampling.prompt)
     return np.broadcast_to(context, (num,) + context.shape[1:])
 
 
 # --- text to image -------------------------------------------------------------------------
-
-
-def pipeline_config(config) -> tuple[dict, ml_collections.ConfigDict]:
-    """(params, config): the pipeline folder's model, diffusion, autoencoder and text encoder,
-    with the sampling, seed and mesh settings of `config`; the sampling fields `config`
-    leaves unset follow the folder's scheduler config (`convert.sampling_from_scheduler`)."""
-    params, found = convert.from_pipeline(config.pretrained)
-    merged = ml_collections.ConfigDict(found.to_dict())
-    for section in RUN_SECTIONS:
-        merged[section] = ml_collections.ConfigDict(config[section].to_dict())
-    merged.sampling = pipeline_sampling(merged)
-    validation.validate(merged, jax.device_count())
-    return params, merged
-
-
-def pipeline_sampling(config) -> ml_collections.ConfigDict:
-    """config.sampling resolved against the scheduler config of config.pretrained."""
-    scheduler = convert.read_scheduler_config(config.pretrained)
-    try:
-        implied = convert.sampling_from_scheduler(scheduler, config.sampling.sampler)
-    except ValueError as e:
-        raise errors.ConfigError(f"config.pretrained={config.pretrained}: {e}") from e
-    return config_lib.resolved_sampling(config, implied)
 
 
 class TextToImage(NamedTuple):
@@ -127,15 +150,16 @@ class TextToImage(NamedTuple):
         return self.sample_fn(self.unet_params, key, cond, batch_size, x_T)
 
 
-def build_sampler(config) -> tuple[ml_collections.ConfigDict, TextToImage]:
-    """(config of the pipeline, its `TextToImage` sampler) for config.pretrained."""
+def build_sampler(config) -> TextToImage:
+    """The `TextToImage` sampler of the pipeline folder config.pretrained; `config` is the
+    resolved text-to-image config (`preflight.resolve(..., "sample")`)."""
     s = config.sampling
     if not s.prompt:
         raise errors.ConfigError(
             "config.sampling.prompt: a text-to-image pipeline needs a prompt, e.g. "
             "--config.sampling.prompt='a photograph of an astronaut riding a horse'"
         )
-    params, config = pipeline_config(config)
+    params = weights.pipeline_params(config.pretrained)
     mesh = parallel.make_mesh(config)
     encoder = PromptEncoder(
         params["text_encoder"],
@@ -156,12 +180,12 @@ def build_sampler(config) -> tuple[ml_collections.ConfigDict, TextToImage]:
         null_context=contexts[1:2],
     )
     unet = jax.device_put(params["unet"], parallel.replicated(mesh))
-    return config, TextToImage(config, mesh, sample_fn, unet, contexts[0:1])
+    return TextToImage(config, mesh, sample_fn, unet, contexts[0:1])
 
 
 def text_to_image(config, workdir) -> Path:
     """Samples sampling.num_samples images of sampling.prompt (module doc)."""
-    config, sampler = build_sampler(config)
+    sampler = build_sampler(config)
     s = config.sampling
     key = jax.random.key(config.training.seed)
     t0 = time.perf_counter()
@@ -194,9 +218,7 @@ def text_to_image(config, workdir) -> Path:
         record = {
             "prompt": s.prompt,
             "negative_prompt": s.negative_prompt,
-            "sampler": s.sampler,
-            "num_steps": s.num_steps,
-            "nfe": dm.nfe(s.sampler, s.num_steps, s.timesteps),
+            **config_lib.sample_settings(config).record(),  # sampler, num_steps, nfe
             "guidance_scale": s.guidance_scale,
             "seed": config.training.seed,
             "pretrained": config.pretrained,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from diffusion_jax import checkpointing, errors, metrics_io, parallel, validation
+from diffusion_jax import checkpointing, errors, metrics_io, parallel
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
@@ -26,44 +26,6 @@ from diffusion_jax.run import ema_gammas, run_keys, setup_run
 from diffusion_jax.training import state as state_lib
 
 log = logging.getLogger(__name__)
-
-# Fields that define what a checkpoint holds; a resumed run must agree on them.
-STRUCTURAL_SECTIONS = ("model", "diffusion")
-
-
-def check_resumable_config(config, workdir: Path) -> None:
-    """Refuses to resume a workdir whose config.json differs on model or diffusion fields,
-    the EMA widths it tracks, or whether it trains the text encoder."""
-    path = workdir / "config.json"
-    if not path.exists() or config.training.allow_config_change:
-        return
-    old = json.loads(path.read_text())
-    new = json.loads(config.to_json_best_effort())
-    for section in STRUCTURAL_SECTIONS:
-        for key, value in new[section].items():
-            if section == "model" and key == "dit" and new["model"].get("arch", "unet") != "dit":
-                continue  # a U-Net's run does not depend on the DiT's fields
-            if old.get(section, {}).get(key, value) != value:
-                raise errors.ConfigError(
-                    f"config.{section}.{key}: {value!r} differs from {old[section][key]!r} in "
-                    f"{path}; use a new --workdir or pass "
-                    "--config.training.allow_config_change=True"
-                )
-    trains_text = new["training"].get("train_text_encoder", False)
-    if trains_text != old.get("training", {}).get("train_text_encoder", False):
-        raise errors.ConfigError(
-            f"config.training.train_text_encoder: {trains_text} differs from {path}; its "
-            "checkpoints hold the networks it trained: use a new --workdir"
-        )
-    # The power-function EMAs of a checkpoint are profiles of these widths: other widths
-    # would go on averaging them with the wrong exponents.
-    widths, old_widths = new["optim"]["ema_sigma_rels"], old["optim"].get("ema_sigma_rels", [])
-    if list(widths) != list(old_widths):
-        raise errors.ConfigError(
-            f"config.optim.ema_sigma_rels: {tuple(widths)} differs from {tuple(old_widths)} in "
-            f"{path}; the checkpoints track those widths (--mode=posthoc_ema rebuilds others): "
-            "use a new --workdir to track other ones"
-        )
 
 
 def open_snapshots(workdir: Path, start: int) -> checkpointing.Saver:
@@ -196,10 +158,8 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     """
     workdir = Path(workdir)
     t_cfg = config.training
-    validation.validate(config, jax.device_count())
-    check_resumable_config(config, workdir)
     if config_lib.is_latent(config):
-        config = ensure_latents(config, workdir)
+        ensure_latents(config, workdir)
 
     # Mesh, model and the abstract sharded state.
     init_key, train_key, sample_key = run_keys(config)

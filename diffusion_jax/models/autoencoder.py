@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import parallel
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.models import layers
+from diffusion_jax.models import factory, layers
 
 Dtype = Any
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' clamp of the posterior log-variance
@@ -188,20 +188,20 @@ def downsampling_factor(ch_mult) -> int:
     return 2 ** (len(ch_mult) - 1)
 
 
+# The autoencoder of config.autoencoder: its images' channels are the data's, its dtype the
+# model's; weights is where it is read from, the rest the training objective's.
+AUTOENCODER = factory.Network(
+    AutoencoderKL,
+    "autoencoder",
+    {"image_channels": lambda c: c.data.channels, "dtype": factory.model_dtype},
+    not_its=("weights", "scaling_factor", "kl_weight", "reconstruction"),
+)
+
+
 def create_autoencoder(config) -> AutoencoderKL:
-    """The autoencoder described by `config.autoencoder` for images of `config.data.channels`."""
-    a = config.autoencoder
-    return AutoencoderKL(
-        ch=a.ch,
-        ch_mult=tuple(a.ch_mult),
-        num_res_blocks=a.num_res_blocks,
-        latent_channels=a.latent_channels,
-        image_channels=config.data.channels,
-        norm_groups=a.norm_groups,
-        norm_eps=a.norm_eps,
-        mid_attention=a.mid_attention,
-        dtype=jnp.dtype(config.model.dtype),
-    )
+    """The autoencoder described by `config.autoencoder` (AUTOENCODER) for images of
+    `config.data.channels`."""
+    return AUTOENCODER(config)
 
 
 def autoencoder_inputs(
@@ -225,16 +225,9 @@ def blur_baseline(images, factor: int):
     return jax.image.resize(pooled, (b, h, w, c), "bilinear")
 
 
-# Fields of config.autoencoder that define the network; weights must agree on every one.
-ARCHITECTURE_FIELDS = (
-    "ch",
-    "ch_mult",
-    "num_res_blocks",
-    "latent_channels",
-    "norm_groups",
-    "norm_eps",
-    "mid_attention",
-)
+# Fields of config.autoencoder that define the network (those AutoencoderKL reads from it);
+# weights must agree on every one.
+ARCHITECTURE_FIELDS = AUTOENCODER.taken
 
 
 def check_architecture(config, found: dict, source) -> None:

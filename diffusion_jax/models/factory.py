@@ -1,5 +1,15 @@
 """Networks built from a run config, their example inputs, and their parameter shapes.
 
+Each network is built from its config section by a `Network` table entry (UNET of
+config.model, DIT of config.model.dit, TEXT_ENCODER of config.text_encoder; AUTOENCODER of
+config.autoencoder in autoencoder.py): every field of the module with the name of a field of
+the section comes straight from it (a list as a tuple); a small `derived` table gives the
+fields computed from elsewhere (the output channels, the classes, the dtype object...);
+`not_its` names the section's fields the module does not take, and a section field that is
+none of these is a ConfigError, not silently dropped. A new network option is therefore one module
+field plus the config field of the same name in `base_config` (with its comment);
+tests/test_model_config.py checks that the tables, the modules and base_config agree.
+
 `create_model` builds the denoising network of `config.model` (`create_unet` or
 `create_dit`, by model.arch; with the text encoder when that trains too),
 `create_text_encoder` CLIP's text encoder of `config.text_encoder`; `init_inputs` gives the
@@ -9,74 +19,124 @@ example inputs, without allocating the parameters.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax.config import model_input_shape
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.text_denoiser import TextTrainedDenoiser
 from diffusion_jax.models.text_encoder import CLIPTextEncoder
 from diffusion_jax.models.unet import UNet
 
 
-def create_unet(config) -> UNet:
-    """The U-Net described by `config.model` for the model input of `model_input_shape`
-    (images, or latents in a latent run). `model.learn_sigma` doubles the output channels
-    (mean and variance outputs)."""
-    m = config.model
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """How `module` is built from the config section at `section` (a dotted path):
+    `module(**{f: section[f] for f in taken}, **{f: fn(config) for f, fn in derived})`.
+
+    taken: the module's fields that are neither derived nor in `defaults`, each read from
+    the section field of the same name (a list as a tuple: module fields are hashable).
+    derived: module field -> fn(config), for the fields computed from other config fields
+    (a derived field replaces a section field of the same name, e.g. dtype from its string).
+    not_its: the section's fields the module does not take (inputs of derived fields, other
+    networks' fields, run settings). defaults: module fields left at their default.
+    """
+
+    module: type[nn.Module]
+    section: str
+    derived: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
+    not_its: tuple[str, ...] = ()
+    defaults: tuple[str, ...] = ()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The module's own fields (flax's parent and name aside)."""
+        return tuple(
+            f.name for f in dataclasses.fields(self.module) if f.name not in ("parent", "name")
+        )
+
+    @property
+    def taken(self) -> tuple[str, ...]:
+        """The module fields read straight from the section."""
+        return tuple(f for f in self.fields if f not in self.derived and f not in self.defaults)
+
+    def __call__(self, config) -> nn.Module:
+        section = functools.reduce(lambda c, key: c[key], self.section.split("."), config)
+        taken = self.taken
+        for key in section:
+            if key not in taken and key not in self.derived and key not in self.not_its:
+                name = self.module.__name__
+                raise ConfigError(
+                    f"config.{self.section}.{key}: {name} takes no such field; add it to "
+                    f"{name}, or the name to the not_its of its Network table"
+                )
+        fields = {k: _hashable(section[k]) for k in taken}
+        return self.module(**fields, **{k: fn(config) for k, fn in self.derived.items()})
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def out_channels(config) -> int:
+    """The channels of the model input (`model_input_shape`: images, or latents in a latent
+    run), doubled by model.learn_sigma (mean and variance outputs)."""
     _, channels = model_input_shape(config)
-    return UNet(
-        ch=m.ch,
-        ch_mult=tuple(m.ch_mult),
-        num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions),
-        dropout=m.dropout,
-        out_channels=channels * (2 if m.learn_sigma else 1),
-        num_classes=config.data.num_classes if m.class_conditional else 0,
-        num_heads=m.num_heads,
-        head_channels=m.head_channels,
-        scale_shift_norm=m.scale_shift_norm,
-        resblock_updown=m.resblock_updown,
-        downsample_padding=m.downsample_padding,
-        flip_sin_to_cos=m.flip_sin_to_cos,
-        freq_shift=m.freq_shift,
-        norm_groups=m.norm_groups,
-        norm_eps=m.norm_eps,
-        use_dot_product_attention=m.attention == "dot_product_attention",
-        mid_attn_norm=m.mid_attn_norm,
-        remat=m.remat,
-        context_dim=m.context_dim,
-        context_source=m.context_source,
-        transformer_depth=m.transformer_depth,
-        linear_projection=m.linear_projection,
-        dtype=jnp.dtype(m.dtype),
-    )
+    return channels * (2 if config.model.learn_sigma else 1)
+
+
+def model_dtype(config):
+    """The activations' dtype of config.model.dtype (parameters are always float32)."""
+    return jnp.dtype(config.model.dtype)
+
+
+# The fields both denoisers compute from the config rather than read from their section.
+DENOISER_DERIVED = {
+    "out_channels": out_channels,
+    "num_classes": lambda c: c.data.num_classes if c.model.class_conditional else 0,
+    "use_dot_product_attention": lambda c: c.model.attention == "dot_product_attention",
+    "dtype": model_dtype,
+}
+UNET = Network(
+    UNet,
+    "model",
+    DENOISER_DERIVED,
+    # context_length: the length of the data's text contexts; dit: the DiT's section.
+    not_its=("arch", "learn_sigma", "class_conditional", "attention", "context_length", "dit"),
+)
+# The label table gets its null row when training drops labels, as in the original DiT;
+# dropout and remat are the model section's, shared with the U-Net.
+DIT = Network(
+    DiT,
+    "model.dit",
+    {
+        **DENOISER_DERIVED,
+        "null_class": lambda c: c.training.cond_drop_prob > 0,
+        "dropout": lambda c: c.model.dropout,
+        "remat": lambda c: c.model.remat,
+    },
+)
+# weights: the folder it is read from. dtype stays float32 whatever model.dtype.
+TEXT_ENCODER = Network(CLIPTextEncoder, "text_encoder", not_its=("weights",), defaults=("dtype",))
+
+
+def create_unet(config) -> UNet:
+    """The U-Net described by `config.model` (UNET) for the model input of
+    `model_input_shape` (images, or latents in a latent run)."""
+    return UNET(config)
 
 
 def create_dit(config) -> DiT:
-    """The DiT described by `config.model.dit` for the model input of `model_input_shape`.
-    `model.learn_sigma` doubles the output channels; the label table gets its null row when
-    training drops labels (training.cond_drop_prob > 0), as in the original."""
-    m, dt = config.model, config.model.dit
-    _, channels = model_input_shape(config)
-    return DiT(
-        patch_size=dt.patch_size,
-        hidden_size=dt.hidden_size,
-        depth=dt.depth,
-        num_heads=dt.num_heads,
-        mlp_ratio=dt.mlp_ratio,
-        out_channels=channels * (2 if m.learn_sigma else 1),
-        num_classes=config.data.num_classes if m.class_conditional else 0,
-        null_class=config.training.cond_drop_prob > 0,
-        per_block_embedders=dt.per_block_embedders,
-        freq_shift=dt.freq_shift,
-        mlp_norm_eps=dt.mlp_norm_eps,
-        dropout=m.dropout,
-        use_dot_product_attention=m.attention == "dot_product_attention",
-        remat=m.remat,
-        dtype=jnp.dtype(m.dtype),
-    )
+    """The DiT described by `config.model.dit` (DIT) for the model input of
+    `model_input_shape`."""
+    return DIT(config)
 
 
 ARCHS = {"unet": create_unet, "dit": create_dit}
@@ -94,18 +154,9 @@ def create_model(config) -> UNet | DiT | TextTrainedDenoiser:
 
 
 def create_text_encoder(config) -> CLIPTextEncoder:
-    """CLIP's text encoder described by `config.text_encoder`: tokens (B, L) -> (B, L, width)."""
-    te = config.text_encoder
-    return CLIPTextEncoder(
-        vocab_size=te.vocab_size,
-        width=te.width,
-        num_layers=te.num_layers,
-        num_heads=te.num_heads,
-        mlp_dim=te.mlp_dim,
-        max_length=te.max_length,
-        activation=te.activation,
-        eps=te.eps,
-    )
+    """CLIP's text encoder described by `config.text_encoder` (TEXT_ENCODER): tokens (B, L)
+    -> (B, L, width)."""
+    return TEXT_ENCODER(config)
 
 
 def init_inputs(config, batch: int = 1) -> tuple:

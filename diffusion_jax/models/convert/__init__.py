@@ -45,6 +45,8 @@ from diffusion_jax.models.convert.pipeline import (
     describe_pipeline,
     finetune_config,
     from_pipeline,
+    pipeline_sampling,
+    text_to_image_config,
     to_pipeline,
 )
 from diffusion_jax.models.convert.scheduler import (
@@ -90,6 +92,8 @@ __all__ = [
     "finetune_config",
     "from_diffusers",
     "from_pipeline",
+    "pipeline_sampling",
+    "text_to_image_config",
     "from_torch_layout",
     "match_tensors",
     "model_config_from_diffusers",

@@ -18,6 +18,8 @@ from diffusion_jax.models.convert import autoencoder, layout, scheduler, text_en
 # Fields of the model section a fine-tuning run keeps from its own config: how it computes,
 # not what the network is.
 RUN_MODEL_FIELDS = ("dtype", "remat", "attention", "dropout")
+# Sections of the user's config kept over a pipeline folder's description in text-to-image.
+RUN_SECTIONS = ("sampling", "training", "mesh", "eval")
 # Fields of the diffusion section a pipeline folder describes (the rest is the training loss).
 SCHEDULE_FIELDS = ("schedule", "num_timesteps", "beta_start", "beta_end", "prediction", "variance")
 
@@ -90,11 +92,28 @@ def finetune_config(config) -> ml_collections.ConfigDict:
     merged.text_encoder.weights = str(source)
     merged.data.image_size, merged.data.channels = found.data.image_size, found.data.channels
     # Pictures, evaluation and samples follow the folder's scheduler rules, as it would.
-    implied = scheduler.sampling_from_scheduler(
-        scheduler.read_scheduler_config(source), config.sampling.sampler
-    )
-    merged.sampling = config_lib.resolved_sampling(merged, implied)
+    merged.sampling = pipeline_sampling(merged, source)
     return merged
+
+
+def text_to_image_config(config) -> ml_collections.ConfigDict:
+    """The config of text-to-image sampling from the pipeline folder config.pretrained: the
+    folder's model, diffusion, autoencoder and text encoder (`describe_pipeline`) under the
+    user's RUN_SECTIONS; the sampling fields left unset follow the folder's scheduler config."""
+    merged = ml_collections.ConfigDict(describe_pipeline(config.pretrained).to_dict())
+    for section in RUN_SECTIONS:
+        merged[section] = ml_collections.ConfigDict(config[section].to_dict())
+    merged.sampling = pipeline_sampling(merged, config.pretrained)
+    return merged
+
+
+def pipeline_sampling(config, folder) -> ml_collections.ConfigDict:
+    """config.sampling resolved against the scheduler config of the pipeline `folder`
+    (`scheduler.sampling_from_scheduler`): the fields it leaves unset take the folder's."""
+    implied = scheduler.sampling_from_scheduler(
+        scheduler.read_scheduler_config(folder), config.sampling.sampler
+    )
+    return config_lib.resolved_sampling(config, implied)
 
 
 def to_pipeline(unet_params, folder, source, text_encoder_params=None) -> Path:

@@ -4,7 +4,7 @@ diffusers reads a folder's scheduler config through the class a user picks
 (`DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`): the keys the file holds
 are used, the keys it lacks take that class's defaults (not the defaults of the class the
 file names). `sampling_from_scheduler` does the same for each sampler, through the class
-`samplers.DIFFUSERS_SCHEDULERS` names for it, and returns config.sampling values;
+`timesteps.DIFFUSERS_SCHEDULERS` names for it, and returns config.sampling values;
 `config.resolved_sampling` puts them where the user's config left a field unset.
 `scheduler_config` writes the file back for an exported pipeline.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion.timesteps import DIFFUSERS_SCHEDULERS
 from diffusion_jax.models.convert import layout
 
 SCHEDULER_FILE = Path("scheduler") / "scheduler_config.json"
@@ -71,7 +71,7 @@ def sampling_from_scheduler(cfg: dict | None, sampler: str) -> dict:
     file. Raises ValueError (one line) on settings no sampler here follows."""
     if cfg is None:
         return {}
-    cls = samplers.DIFFUSERS_SCHEDULERS[sampler]
+    cls = DIFFUSERS_SCHEDULERS[sampler]
     defaults = CLASS_DEFAULTS[cls]
 
     def get(key, fallback=None):
