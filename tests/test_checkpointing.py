@@ -206,9 +206,11 @@ def test_export_then_sample_from_the_file(tmp_path):
     assert config.model.ch == 8
     other = tmp_path / "elsewhere"
     run_cli(other, "--mode=sample", f"--config.eval.params_file={exported}")
-    assert (other / "samples" / "sample_step_0.png").exists()
-    with np.load(other / "samples" / "sample_step_0.npz") as f:
+    # Named after the file, not a step it was not trained to here.
+    assert (other / "samples" / "sample_file_ema_step_2.png").exists()
+    with np.load(other / "samples" / "sample_file_ema_step_2.npz") as f:
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (8, 16, 16, 1)
+        assert str(f["ema"]) == f"the parameters of eval.params_file={exported}"
 
 
 def test_a_failed_save_is_checkpoint_error_on_an_orbax_without_its_private_module(
