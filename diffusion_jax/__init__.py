@@ -7,11 +7,13 @@ tests/test_layers.py checks both and names any import that breaks them.
 1. Math: `diffusion/` — pure functions of arrays: schedules, the forward process and the
    eps/x0/v conversions, losses, samplers, likelihood, the power-function EMA profiles and
    their post-hoc weights. Imports nothing of the package.
-2. Config: `errors.py` — the errors that end a run with one line; `config.py` — the base
-   config every recipe starts from (its fields, defaults and comments) and its predicates;
-   `validation.py` — whether a config can work, one line naming the field; `recipes.py` —
-   the helpers the files in configs/ call (smoke, DDPM and improved-DDPM setups). Import
-   the math (for the names of schedules and samplers).
+2. Config: `errors.py` — the errors that end a run with one line; `paths.py` — the one
+   path layer for local folders and buckets (gs://), through which every file under the
+   workdir and the data and weight files a config names are read and written;
+   `config.py` — the base config every recipe starts from (its fields, defaults and
+   comments) and its predicates; `validation.py` — whether a config can work, one line
+   naming the field; `recipes.py` — the helpers the files in configs/ call (smoke, DDPM
+   and improved-DDPM setups). Import the math (for the names of schedules and samplers).
 3. Infrastructure: `parallel.py` (mesh, shardings, host <-> global arrays),
    `checkpointing/` (orbax), `export.py` (single-file weights), `metrics_io.py` (metric
    writers, progress, image grids). Import the config.

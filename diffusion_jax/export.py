@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import flax.serialization
 import flax.traverse_util
@@ -13,20 +12,18 @@ import jax
 import ml_collections
 import numpy as np
 
+from diffusion_jax import paths
 
-def config_path(params_path) -> Path:
-    return Path(params_path).with_suffix(".json")
+
+def config_path(params_path) -> paths.Path:
+    return paths.path(params_path).with_suffix(".json")
 
 
 def save_params(path, params, config: ml_collections.ConfigDict) -> None:
     """Writes params (a pytree of arrays, gathered to the host) and the config beside them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(flax.serialization.msgpack_serialize(host))
-    tmp.replace(path)
-    config_path(path).write_text(config.to_json_best_effort(indent=2))
+    paths.write_bytes(path, flax.serialization.msgpack_serialize(host))
+    paths.write_text(config_path(path), config.to_json_best_effort(indent=2))
 
 
 def params_fingerprint(params) -> str:
@@ -43,7 +40,7 @@ def params_fingerprint(params) -> str:
 
 def load_params(path) -> tuple[dict, ml_collections.ConfigDict]:
     """(params, config) from a file written by `save_params`."""
-    path = Path(path)
+    path = paths.path(path)
     if not path.exists():
         raise FileNotFoundError(f"parameters file {path} does not exist")
     cfg_file = config_path(path)

@@ -9,7 +9,6 @@ evaluation and `--mode=sample` share.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import numpy as np
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
-from diffusion_jax import metrics_io, parallel
+from diffusion_jax import metrics_io, parallel, paths
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +152,8 @@ def write_samples(sample_fn, config, mesh, params, key, path) -> None:
     rows = config.data.num_classes if config.model.class_conditional else None
     metrics_io.save_grid(path, images, rows=rows)
     if parallel.is_main_process():
-        np.savez(
-            Path(path).with_suffix(".npz"),
+        paths.save_npz(
+            paths.path(path).with_suffix(".npz"),
             arr_0=metrics_io.to_uint8(images),
             labels=np.asarray(labels)[:num] if labels is not None else np.zeros(0, np.int32),
         )

@@ -3,17 +3,20 @@ ETA, image grids and curves as PNG. Only process 0 writes."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import jax
 import numpy as np
 from PIL import Image
+
+from diffusion_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,9 @@ class MetricWriter:
     Every line is JSON (a non-finite value is written as null), and a resumed run first drops
     the rows after the step it resumes from (`resume_step`): a run killed after logging
     past its last checkpoint logs those steps again, and the file keeps one row per step.
+
+    In a bucket, which has no append, the file is kept in memory and written whole after
+    each row, and TensorBoard's event file is written locally and uploaded (`_RemoteEvents`).
     """
 
     def __init__(
@@ -34,37 +40,78 @@ class MetricWriter:
         resume_step: int | None = None,
     ):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / filename
-        self._tb = None
+        self.path = paths.path(workdir) / filename
+        self._remote = paths.is_remote(self.path)
+        self._text = None  # the whole file, for a bucket
+        self._tb = self._events = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 truncate_rows(self.path, resume_step)
+            if self._remote:
+                self._text = self.path.read_text() if self.path.exists() else ""
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
+                board = paths.path(workdir) / "tensorboard"
+                if self._remote:
+                    self._events = _RemoteEvents(board)
                 # TensorBoard hides the events of the steps logged again, as the file drops them.
                 purge = None if resume_step is None else resume_step + 1
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
+                local_board = self._events.local if self._events else board
+                self._tb = SummaryWriter(str(local_board), purge_step=purge)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        line = json.dumps(row, allow_nan=False) + "\n"
+        if self._remote:
+            self._text += line
+            paths.write_text(self.path, self._text)
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
                     self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
+            if self._events:
+                self._events.upload()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            if self._events:
+                self._events.upload(force=True)
+                self._events.cleanup()
 
 
-def truncate_rows(path: Path, last_step: int) -> None:
+class _RemoteEvents:
+    """TensorBoard events for a bucket: written to a local folder by tensorboardX (whose own
+    GCS writer is broken) and uploaded whole, at most every `every` seconds and at close.
+    Each run writes its own event file, so an upload never overwrites another run's."""
+
+    def __init__(self, remote, every: float = 30.0, clock=time.monotonic):
+        self.remote, self.every, self._clock = remote, every, clock
+        self.local = tempfile.mkdtemp(prefix="diffusion_jax_tensorboard_")
+        self._last = -float("inf")
+
+    def upload(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now - self._last < self.every:
+            return
+        self._last = now
+        for name in sorted(p.name for p in paths.path(self.local).iterdir()):
+            with open(f"{self.local}/{name}", "rb") as f:
+                paths.write_bytes(self.remote / name, f.read())
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
+def truncate_rows(path, last_step: int) -> None:
     """Keeps the rows of `path` up to `last_step`, one per step (the last one written), in
     step order; drops any line that is not JSON (a kill mid-write). The new file replaces
     the old one at once, so a kill now loses nothing."""
@@ -78,9 +125,9 @@ def truncate_rows(path: Path, last_step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
             rows[row["step"]] = row
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(rows[s], allow_nan=False) + "\n" for s in sorted(rows)))
-    os.replace(tmp, path)
+    paths.write_text(
+        path, "".join(json.dumps(rows[s], allow_nan=False) + "\n" for s in sorted(rows))
+    )
 
 
 def _to_python(value):
@@ -166,9 +213,9 @@ def from_uint8(images_uint8) -> np.ndarray:
     return np.asarray(images_uint8).astype(np.float32) / 127.5 - 1.0
 
 
-def samples_dir(workdir) -> Path:
+def samples_dir(workdir) -> paths.Path:
     """Where a run's pictures go: <workdir>/samples."""
-    return Path(workdir) / "samples"
+    return paths.path(workdir) / "samples"
 
 
 def image_grid(images_uint8: np.ndarray, rows: int | None = None, pad: int = 1) -> np.ndarray:
@@ -196,9 +243,7 @@ def save_grid(path, images, rows: int | None = None, min_size: int = 512) -> Non
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         image = image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    paths.save_image(path, image)
     log.info("wrote %s", path)
 
 
@@ -225,8 +270,8 @@ def plot_curves(path, series: dict, *, xlabel: str, title: str = "", log_x: bool
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    paths.write_bytes(path, buffer.getvalue())
     log.info("wrote %s", path)

@@ -173,21 +173,89 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     Explicit flags win; otherwise JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID from the environment; otherwise, under SLURM with several tasks or with
     DIFFUSION_JAX_DISTRIBUTED=1 (Cloud TPU pods), JAX finds everything itself. A single
-    process on one machine needs none of it.
+    process on one machine needs none of it. `distributed_arguments` says what JAX is given.
     """
-    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and "JAX_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    auto = "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
-    auto = auto or os.environ.get("DIFFUSION_JAX_DISTRIBUTED") == "1"  # set by tpu_pod.sh
-    if coordinator_address or auto:
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            # Collectives across processes on CPU (the local dress rehearsal) go over gloo.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    kwargs = distributed_arguments(coordinator_address, num_processes, process_id, os.environ)
+    if kwargs is None:
+        return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # Collectives across processes on CPU (the local dress rehearsal) go over gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def distributed_arguments(coordinator_address, num_processes, process_id, env) -> dict | None:
+    """The keyword arguments for `jax.distributed.initialize`, or None for a lone process.
+
+    Under SLURM with one task per node, that task drives every GPU of its node. JAX's own
+    SLURM detection would make it see only GPU number SLURM_LOCALID, even when the three
+    arguments are given (jax-ml/jax#16788), so here they come from SLURM's variables and
+    JAX's detection is switched off, which leaves every local device visible. With several
+    tasks per node, JAX's one GPU per task stands.
+    """
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    auto = "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1
+    auto = auto or env.get("DIFFUSION_JAX_DISTRIBUTED") == "1"  # set by tpu_pod.sh
+    if not (coordinator_address or auto):
+        return None
+    kwargs = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    if _slurm_tasks_per_node(env) == 1:
+        kwargs["coordinator_address"] = coordinator_address or _slurm_coordinator(env)
+        if num_processes is None:
+            kwargs["num_processes"] = int(env["SLURM_NTASKS"])
+        if process_id is None:
+            kwargs["process_id"] = int(env["SLURM_PROCID"])
+        kwargs["cluster_detection_method"] = "deactivate"
+    return kwargs
+
+
+# What JAX needs to see to take a process for one task of a SLURM job step.
+SLURM_STEP_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
+
+
+def _slurm_tasks_per_node(env) -> int | None:
+    """The most tasks this SLURM job step runs on one node; None outside a step or unknown.
+
+    SLURM_STEP_TASKS_PER_NODE reads like '1(x4)' or '2(x3),1'."""
+    if not all(name in env for name in SLURM_STEP_VARIABLES):
+        return None
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if spec:
+        return max(int(part.split("(")[0]) for part in spec.split(","))
+    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES")
+    if nodes and int(env["SLURM_NTASKS"]) % int(nodes) == 0:
+        return int(env["SLURM_NTASKS"]) // int(nodes)
+    return None
+
+
+def slurm_coordinator_port(job_id: int) -> int:
+    """The coordinator's port for a SLURM job, as launch/slurm_gpu.sbatch picks it: one per
+    job id, so that two jobs sharing a head node do not collide, and below Linux's
+    ephemeral range (32768 and up), so that no outgoing connection holds it."""
+    return 10000 + job_id % 20000
+
+
+def _slurm_coordinator(env) -> str:
+    """'host:port' of the step's first node: 'node[001-004],gpu7' -> 'node001'."""
+    prefix, bracket, rest = env["SLURM_STEP_NODELIST"].split(",")[0].partition("[")
+    host = prefix + rest.split("-")[0].rstrip("]") if bracket else prefix
+    port = env.get("JAX_COORDINATOR_PORT") or slurm_coordinator_port(int(env["SLURM_JOB_ID"]))
+    return f"{host}:{port}"
 
 
 def is_main_process() -> bool:

@@ -19,13 +19,14 @@ its files, so a later change on disk is read again.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpointing, errors, export, objectives
+from diffusion_jax import checkpointing, errors, export, objectives, paths
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import convert
 from diffusion_jax.models.factory import abstract_params
@@ -147,16 +148,16 @@ def current_posthoc_step(workdir, sigma_rel: float, step: int | None = None) -> 
     return newest
 
 
-def posthoc_path(workdir, sigma_rel: float, step: int) -> Path:
+def posthoc_path(workdir, sigma_rel: float, step: int) -> paths.Path:
     """Where --mode=posthoc_ema writes the EMA of width `sigma_rel` rebuilt at `step`."""
-    return Path(workdir) / POSTHOC_FOLDER / f"sigma_rel_{sigma_rel:.4f}_step_{step}.msgpack"
+    return paths.path(workdir) / POSTHOC_FOLDER / f"sigma_rel_{sigma_rel:.4f}_step_{step}.msgpack"
 
 
 def posthoc_steps(workdir, sigma_rel: float, step: int | None = None) -> list[int]:
     """The steps, oldest first, at which --mode=posthoc_ema rebuilt the EMA of width
     `sigma_rel`; FileNotFoundError naming the fix when there is none (or not `step`)."""
     prefix = posthoc_path(workdir, sigma_rel, 0).name.rsplit("_", 1)[0] + "_"
-    folder = Path(workdir) / POSTHOC_FOLDER
+    folder = paths.path(workdir) / POSTHOC_FOLDER
     names = [p.name for p in folder.glob(f"{prefix}*.msgpack")] if folder.is_dir() else []
     steps = sorted(int(n[len(prefix) : -len(".msgpack")]) for n in names)
     if not steps or (step is not None and step not in steps):
@@ -190,9 +191,9 @@ def _load_placed(path, run):
 # --- the autoencoder of a latent run -------------------------------------------------------
 
 
-def autoencoder_source(config) -> Path:
+def autoencoder_source(config) -> paths.Path:
     """autoencoder.weights, or the vae/ of the pipeline folder config.pretrained."""
-    return Path(config.autoencoder.weights or Path(config.pretrained) / "vae")
+    return paths.path(config.autoencoder.weights or Path(config.pretrained) / "vae")
 
 
 def load_autoencoder(config):
@@ -293,7 +294,9 @@ def _size_and_time(path: Path) -> tuple[int, int]:
         info = path.stat()
     except FileNotFoundError:
         return (-1, -1)
-    return info.st_size, info.st_mtime_ns
+    if isinstance(info, os.stat_result):
+        return info.st_size, info.st_mtime_ns
+    return info.length, int(info.mtime * 1e9)  # epath's stat, of an object in a bucket
 
 
 # --- pipeline folders ------------------------------------------------------------------------

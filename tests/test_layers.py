@@ -15,6 +15,7 @@ LAYERS = {
     "diffusion_jax": 0,  # the package's __init__: a docstring and the version
     "diffusion_jax.diffusion": 1,
     "diffusion_jax.errors": 2,
+    "diffusion_jax.paths": 2,
     "diffusion_jax.config": 2,
     "diffusion_jax.validation": 2,
     "diffusion_jax.recipes": 2,

@@ -4,11 +4,11 @@ than it aside to <step>.corrupt so that no later job trips on them."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from diffusion_jax import paths
 from diffusion_jax.errors import CheckpointError, ConfigError, first_line
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def first_readable(manager: ocp.CheckpointManager, steps, read, advice: str | No
             others = "no other checkpoint reads either" if len(steps) > 1 else "it is the only one"
             advice = f"{others}, so none was moved aside: check that error, or move them away"
         raise CheckpointError(
-            f"checkpoint {step}: could not read {Path(manager.directory) / str(step)}: "
+            f"checkpoint {step}: could not read {paths.path(manager.directory) / str(step)}: "
             f"{first_line(error, named=True, limit=200)}; {advice}"
         ) from error
     return None, None
@@ -55,7 +55,7 @@ def move_aside(manager: ocp.CheckpointManager, step: int, error: BaseException, 
     """Renames the unreadable `step` to <step>.corrupt (<step>.corrupt.N if taken) on process
     0, with one warning line, and makes every process's manager forget it (orbax ignores
     such names)."""
-    directory = Path(manager.directory)
+    directory = paths.path(manager.directory)
     if jax.process_index() == 0:
         target = _free_name(directory / f"{step}{CORRUPT_SUFFIX}")
         try:
@@ -77,7 +77,7 @@ def move_aside(manager: ocp.CheckpointManager, step: int, error: BaseException, 
     manager.reload()
 
 
-def _free_name(path: Path) -> Path:
+def _free_name(path: paths.Path) -> paths.Path:
     """`path`, or path.1, path.2, ... : the first that does not exist."""
     n = 1
     candidate = path

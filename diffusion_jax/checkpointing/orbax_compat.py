@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
+
+from diffusion_jax import paths
 
 # --- the console: orbax's lines that say nothing to act on ---------------------------------
 
@@ -150,6 +151,6 @@ def release_waiting(threads, all_of_them: bool = False) -> None:
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
-def tmp_dirs(directory, step: int) -> list[Path]:
+def tmp_dirs(directory, step: int) -> list:
     """The temporary folders orbax left for `step` in `directory` (a save that failed)."""
-    return list(Path(directory).glob(f"{step}{TMP_SUFFIX}*"))
+    return list(paths.path(directory).glob(f"{step}{TMP_SUFFIX}*"))

@@ -8,13 +8,12 @@ import errno
 import logging
 import os
 import re
-import shutil
-from pathlib import Path
 from typing import NoReturn
 
 import jax
 import orbax.checkpoint as ocp
 
+from diffusion_jax import paths
 from diffusion_jax.checkpointing import orbax_compat
 from diffusion_jax.errors import CheckpointError, first_line
 
@@ -27,9 +26,9 @@ ABANDON_SECONDS = 30
 EMA_SNAPSHOTS = "ema_snapshots"
 
 
-def checkpoint_dir(workdir, folder: str = "checkpoints") -> Path:
-    """The absolute path of <workdir>/<folder>."""
-    return Path(workdir).absolute() / folder
+def checkpoint_dir(workdir, folder: str = "checkpoints") -> paths.Path:
+    """The absolute path (or the object prefix) of <workdir>/<folder>."""
+    return paths.path(workdir) / folder
 
 
 def make_manager(
@@ -78,7 +77,9 @@ def save(manager: ocp.CheckpointManager, step: int, state, meta: dict, *, force=
         force=force,
     )
     if saved:
-        log.info("%s: saving step %d to %s", Path(manager.directory).name, step, manager.directory)
+        log.info(
+            "%s: saving step %d to %s", paths.path(manager.directory).name, step, manager.directory
+        )
     return saved
 
 
@@ -131,7 +132,7 @@ class Saver:
         """Abandons the failed save of `step` and raises the one-line CheckpointError naming
         the folder, the reason, the fix and the checkpoint a rerun resumes from."""
         _abandon(self.manager, step)
-        directory = Path(self.manager.directory)
+        directory = paths.path(self.manager.directory)
         errno_, reason = failure_reason(error)
         earlier = [s for s in self.manager.all_steps() if s < step]
         resumes = f"checkpoint {max(earlier)}" if earlier else "step 0 (no checkpoint yet)"
@@ -177,4 +178,5 @@ def _abandon(manager: ocp.CheckpointManager, step: int) -> None:
         manager.close()
     if jax.process_index() == 0:
         for tmp in orbax_compat.tmp_dirs(manager.directory, step):
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                paths.rmtree(tmp)

@@ -6,7 +6,7 @@ multiplied by `autoencoder.scaling_factor`, `label` (N,), and for captioned data
 (N, M, D), their text encoder's embeddings, and `tokens` (N, M) int32, their token ids;
 `<split>-meta.json` records the shape and the autoencoder (its path and the sha256 of its
 weights, so that latents of another autoencoder are noticed).
-Several hosts need `data.latents` on a file system they all see (as checkpoints do).
+Several hosts need `data.latents` on a file system or bucket they all see (as checkpoints do).
 
 This module knows the format only: nothing here loads or runs the autoencoder.
 """
@@ -14,20 +14,19 @@ This module knows the format only: nothing here loads or runs the autoencoder.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import errors
+from diffusion_jax import errors, paths
 
 SHARD_EXAMPLES = 8192  # examples per shard file
 
 
-def latents_dir(config, workdir) -> Path:
+def latents_dir(config, workdir) -> paths.Path:
     """data.latents, or <workdir>/latents when it is empty."""
-    return Path(config.data.latents) if config.data.latents else Path(workdir) / "latents"
+    return paths.path(config.data.latents or paths.path(workdir) / "latents")
 
 
 def with_latents_dir(config, workdir) -> ml_collections.ConfigDict:
@@ -37,21 +36,21 @@ def with_latents_dir(config, workdir) -> ml_collections.ConfigDict:
     return config
 
 
-def shard_path(folder, split: str, process: int, shard: int) -> Path:
-    return Path(folder) / f"{split}-{process:05d}-{shard:05d}.npz"
+def shard_path(folder, split: str, process: int, shard: int) -> paths.Path:
+    return paths.path(folder) / f"{split}-{process:05d}-{shard:05d}.npz"
 
 
-def meta_path(folder, split: str) -> Path:
-    return Path(folder) / f"{split}-meta.json"
+def meta_path(folder, split: str) -> paths.Path:
+    return paths.path(folder) / f"{split}-meta.json"
 
 
 def write_shard(path, arrays: dict[str, np.ndarray]) -> None:
     """One shard file: {"latent", "label", ["context"]}, each with the same first axis."""
-    np.savez(path, **arrays)
+    paths.save_npz(path, **arrays)
 
 
 def write_meta(folder, split: str, meta: dict) -> None:
-    meta_path(folder, split).write_text(json.dumps(meta, indent=2) + "\n")
+    paths.write_text(meta_path(folder, split), json.dumps(meta, indent=2) + "\n")
 
 
 def read_meta(folder, split: str) -> dict:
@@ -60,7 +59,7 @@ def read_meta(folder, split: str) -> dict:
 
 def remove_split(folder, split: str) -> None:
     """Deletes the shards and the meta file of `split` (before encoding it again)."""
-    for path in Path(folder).glob(f"{split}-*"):
+    for path in paths.path(folder).glob(f"{split}-*"):
         path.unlink()
 
 
@@ -70,7 +69,7 @@ def latents_exist(config, split: str) -> bool:
 
 def load_latents(config, split: str) -> dict[str, np.ndarray]:
     """All shards of `split` in data.latents: {"image": latents, "label", ["context"]}."""
-    folder = Path(config.data.latents)
+    folder = paths.path(config.data.latents)
     meta_file = meta_path(folder, split)
     files = sorted(folder.glob(f"{split}-*-*.npz"))
     if not meta_file.exists() or not files:
@@ -85,7 +84,7 @@ def load_latents(config, split: str) -> dict[str, np.ndarray]:
             f"config.data.latents: {folder} holds latents of (size, channels) {meta['shape']}, "
             f"the model expects {want}; encode again with this autoencoder"
         )
-    parts = [dict(np.load(f)) for f in files]
+    parts = [paths.load_npz(f) for f in files]
     out = {
         "image": np.concatenate([p["latent"] for p in parts]).astype(np.float32),
         "label": np.concatenate([p["label"] for p in parts]).astype(np.int32),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpointing, errors, metrics_io, parallel
+from diffusion_jax import checkpointing, errors, metrics_io, parallel, paths
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as dm
 from diffusion_jax.data import pipeline
@@ -38,7 +38,7 @@ INCEPTION_METRICS = config_lib.INCEPTION_METRICS
 
 
 def eval_dir(workdir) -> Path:
-    return Path(workdir) / "eval"
+    return paths.path(workdir) / "eval"
 
 
 def digits_scores(config, images_uint8: np.ndarray) -> dict:
@@ -239,8 +239,7 @@ def evaluate_and_write(config, workdir, step, params, run) -> dict:
         result.update(step=None, params_file=str(config.eval.params_file))
     if parallel.is_main_process():
         path = result_path(workdir, result_name(config, step), key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        paths.write_text(path, json.dumps(result, indent=2) + "\n")
         scores = {
             k: result[k]
             for k in result
@@ -276,7 +275,7 @@ def evaluate(config, workdir, steps=None) -> list[dict]:
     done = {s: existing_result(workdir, result_name(config, s), key) for s in sorted(steps)}
     todo = [s for s, path in done.items() if path is None]
     if not todo:
-        names = ", ".join(str(p.relative_to(workdir)) for p in done.values() if p)
+        names = ", ".join(str(p.relative_to(paths.path(workdir))) for p in done.values() if p)
         log.info(
             "eval: nothing new to score in %s: %s already scored with these settings (%s); "
             "other eval.* or sampling.* settings make a new result",

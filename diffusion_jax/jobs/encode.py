@@ -9,7 +9,6 @@ each image's caption (`<image>.txt` of a folder data set).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -89,7 +88,7 @@ def _stale(config, meta: dict, autoencoder) -> str | None:
     return None
 
 
-def encode_dataset(config, workdir, split: str | None = None, autoencoder=None) -> Path:
+def encode_dataset(config, workdir, split: str | None = None, autoencoder=None):
     """Encodes `split` (data.train_split) of config.data to latent shards (module doc),
     replacing any shards of that split; `autoencoder` (module, params) is loaded from
     autoencoder.weights when not given."""

@@ -15,11 +15,10 @@ config.pretrained or training.init_from.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import jax
 
-from diffusion_jax import export, parallel, weights
+from diffusion_jax import export, parallel, paths, weights
 from diffusion_jax.models import convert
 from diffusion_jax.run import run_keys, setup_run
 from diffusion_jax.weights import checkpoint_step_arg, job_params
@@ -27,7 +26,7 @@ from diffusion_jax.weights import checkpoint_step_arg, job_params
 log = logging.getLogger(__name__)
 
 
-def export_ema(config, workdir) -> Path:
+def export_ema(config, workdir) -> paths.Path:
     """Writes the file or folder of the module doc and returns its path."""
     run = setup_run(config, run_keys(config)[0])
     step, params = job_params(config, workdir, run, checkpoint_step_arg(config))
@@ -35,17 +34,17 @@ def export_ema(config, workdir) -> Path:
     host = jax.tree.map(parallel.gather, params)
     if config.eval.export_format == "diffusers":
         stem = weights.ema_file_name(config, step).replace("ema_", "", 1)
-        path = Path(workdir) / "export" / f"diffusers_{stem}"
+        path = paths.path(workdir) / "export" / f"diffusers_{stem}"
         if parallel.is_main_process():
-            if config.training.train_text_encoder:
-                convert.to_pipeline(
-                    host["unet"], path, config.training.init_from, host["text_encoder"]
-                )
-            else:
-                convert.to_pipeline(host, path, config.training.init_from)
+            source = paths.local(config.training.init_from)
+            with paths.writable_folder(path) as folder:
+                if config.training.train_text_encoder:
+                    convert.to_pipeline(host["unet"], folder, source, host["text_encoder"])
+                else:
+                    convert.to_pipeline(host, folder, source)
             log.info("export: wrote the pipeline folder %s", path)
         return path
-    path = Path(workdir) / "export" / f"{weights.ema_file_name(config, step)}.msgpack"
+    path = paths.path(workdir) / "export" / f"{weights.ema_file_name(config, step)}.msgpack"
     if parallel.is_main_process():
         export.save_params(path, host, config)
         log.info(

@@ -17,12 +17,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing, errors, export, metrics_io, parallel
+from diffusion_jax import checkpointing, errors, export, metrics_io, parallel, paths
 from diffusion_jax import diffusion as dm
 from diffusion_jax.evaluation.evaluate import (
     evaluate_and_write,
@@ -99,7 +98,7 @@ def posthoc_ema(config, workdir) -> list[dict]:
             "config.eval.ema_sigma_rel: set the width to rebuild (e.g. 0.07), or a sweep "
             "in config.eval.ema_sigma_rels"
         )
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     up_to = e.checkpoint_step if e.checkpoint_step >= 0 else None
     manager, metas = read_snapshots(workdir, up_to)
     step, t_end = metas[-1][0], metas[-1][1]["t"]
@@ -123,7 +122,8 @@ def posthoc_ema(config, workdir) -> list[dict]:
         record = {"sigma_rel": width, "step": step, "file": str(path)}
         if parallel.is_main_process():
             export.save_params(path, params, config)
-            path.with_suffix(".weights.json").write_text(
+            paths.write_text(
+                path.with_suffix(".weights.json"),
                 json.dumps(
                     {
                         **record,
@@ -133,7 +133,7 @@ def posthoc_ema(config, workdir) -> list[dict]:
                     },
                     indent=1,
                 )
-                + "\n"
+                + "\n",
             )
             log.info("posthoc_ema: wrote %s", path)
         tracked = metas[-1][1]["sigma_rels"]
@@ -167,11 +167,11 @@ def posthoc_ema(config, workdir) -> list[dict]:
     return records
 
 
-def write_curve(stem: Path, records, metrics) -> None:
+def write_curve(stem: paths.Path, records, metrics) -> None:
     """The EMA-length curve: <stem>.json (one row per width) and <stem>.png (each metric
     against sigma_rel)."""
     rows = [{k: v for k, v in r.items() if k not in ("file",)} for r in records]
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    paths.write_text(stem.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
     series = {m: [(r["sigma_rel"], r[m]) for r in records if r.get(m) is not None] for m in metrics}
     metrics_io.plot_curves(
         stem.with_suffix(".png"),

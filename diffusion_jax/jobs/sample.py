@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import errors, generation, metrics_io, parallel, weights
+from diffusion_jax import errors, generation, metrics_io, parallel, paths, weights
 from diffusion_jax.evaluation.evaluate import settings_key
 from diffusion_jax.models import autoencoder as ae_lib
 from diffusion_jax.models import create_autoencoder, create_unet, prompts
@@ -43,7 +42,7 @@ from diffusion_jax.run import run_keys, schedule_from_config, setup_run
 log = logging.getLogger(__name__)
 
 
-def sample(config, workdir) -> Path:
+def sample(config, workdir) -> paths.Path:
     """Writes the pictures of the module doc; returns the path of the main PNG."""
     if config.pretrained:
         return text_to_image(config, workdir)
@@ -82,15 +81,14 @@ def sample(config, workdir) -> Path:
         _file(out, ".png"),
     )
     if parallel.is_main_process():
-        out.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: np.asarray("" if v is None else v) for k, v in record.items()}
-        np.savez(
+        paths.save_npz(
             _file(out, ".npz"),
             arr_0=images,
             labels=np.asarray(labels) if np.ndim(labels) == 1 else np.zeros(0, np.int32),
             **meta,
         )
-        _file(out, ".json").write_text(json.dumps(record, indent=2) + "\n")
+        paths.write_text(_file(out, ".json"), json.dumps(record, indent=2) + "\n")
         rows = config.data.num_classes if config.model.class_conditional else None
         metrics_io.save_grid(_file(out, ".png"), metrics_io.from_uint8(images), rows=rows)
         reverse = out.parent / out.name.replace("sample_", "reverse_", 1)
@@ -105,13 +103,13 @@ def _guidance(config) -> float | None:
     return float(w) if guided and w >= 0 else None
 
 
-def _file(stem: Path, extension: str) -> Path:
+def _file(stem: paths.Path, extension: str) -> paths.Path:
     """stem + extension: a width's stem holds a dot (sigma_rel_0.0700_...), which
     Path.with_suffix would take for the suffix."""
     return stem.with_name(stem.name + extension)
 
 
-def _free_stem(folder: Path, ema_stem: str, record: dict) -> Path:
+def _free_stem(folder: paths.Path, ema_stem: str, record: dict) -> paths.Path:
     """samples/sample_<what>: sample_step_<N> for a checkpoint's exponential EMA (the other
     averages and files by `weights.ema_file_name`), with -<settings> appended when that name
     holds samples of other settings, so that no sampling run overwrites another's."""
@@ -164,7 +162,7 @@ def build_sampler(config) -> TextToImage:
     encoder = PromptEncoder(
         params["text_encoder"],
         config.text_encoder.to_dict(),
-        CLIPTokenizer.from_folder(Path(config.pretrained) / "tokenizer"),
+        CLIPTokenizer.from_folder(paths.local(config.pretrained) / "tokenizer"),
     )
     contexts = jnp.asarray(encoder([s.prompt, s.negative_prompt]))
     decoder = (
@@ -183,7 +181,7 @@ def build_sampler(config) -> TextToImage:
     return TextToImage(config, mesh, sample_fn, unet, contexts[0:1])
 
 
-def text_to_image(config, workdir) -> Path:
+def text_to_image(config, workdir) -> paths.Path:
     """Samples sampling.num_samples images of sampling.prompt (module doc)."""
     sampler = build_sampler(config)
     s = config.sampling
@@ -212,8 +210,7 @@ def text_to_image(config, workdir) -> Path:
     index = len(list(out_dir.glob("prompt_*.png"))) if out_dir.exists() else 0
     path = out_dir / f"prompt_{index}.png"
     if parallel.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(path.with_suffix(".npz"), arr_0=images)
+        paths.save_npz(path.with_suffix(".npz"), arr_0=images)
         metrics_io.save_grid(path, metrics_io.from_uint8(images))
         record = {
             "prompt": s.prompt,
@@ -228,6 +225,6 @@ def text_to_image(config, workdir) -> Path:
                 for key in (*config_lib.SCHEDULER_DEFAULTS, "clip_denoised", "timesteps")
             },
         }
-        path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        paths.write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
         log.info("sample: wrote %s", path)
     return path

@@ -13,11 +13,10 @@ import json
 import logging
 import signal
 import time
-from pathlib import Path
 
 import jax
 
-from diffusion_jax import checkpointing, errors, metrics_io, parallel
+from diffusion_jax import checkpointing, errors, metrics_io, parallel, paths
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation.evaluate import evaluate_and_write
@@ -28,7 +27,7 @@ from diffusion_jax.training import state as state_lib
 log = logging.getLogger(__name__)
 
 
-def open_snapshots(workdir: Path, start: int) -> checkpointing.Saver:
+def open_snapshots(workdir, start: int) -> checkpointing.Saver:
     """The writer of <workdir>/ema_snapshots/, keeping every snapshot. Snapshots after the
     resumed step are a killed run's: they go, and are written again (identically)."""
     manager = checkpointing.make_manager(
@@ -39,10 +38,9 @@ def open_snapshots(workdir: Path, start: int) -> checkpointing.Saver:
     return checkpointing.Saver(manager)
 
 
-def write_config(config, workdir: Path) -> None:
+def write_config(config, workdir) -> None:
     if parallel.is_main_process():
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        paths.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
 
 GIB = 2**30
@@ -156,7 +154,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     written, and `errors.CheckpointError` (one line) when a checkpoint cannot be
     written; the checkpoints before it are intact either way.
     """
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     t_cfg = config.training
     if config_lib.is_latent(config):
         ensure_latents(config, workdir)

@@ -7,7 +7,8 @@ it as `error: ...` and exits with status 2. What it checks, in order:
 (The config itself, every field's range and cross-field rule, was validated when it was
 resolved: `preflight.resolve`.)
 
-1. the workdir: a directory (or one that can be made), writable, with room for a checkpoint
+1. the workdir: the same one for every process of the run; a directory (or one that can
+   be made), or a bucket's prefix, writable, with room (on a disk) for a checkpoint
    of this model (train and encode), or holding a checkpoint to read (eval, sample,
    export), EMA snapshots to rebuild from (posthoc_ema) and the rebuilt EMA that
    eval.ema_sigma_rel names;
@@ -22,9 +23,8 @@ Nothing here writes: a failed pre-flight leaves the workdir as it was.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from diffusion_jax import config as config_lib
+from diffusion_jax import paths
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.preflight import files
 from diffusion_jax.preflight import workdir as workdir_checks
@@ -34,7 +34,8 @@ from diffusion_jax.weights import checkpoint_step_arg, current_posthoc_step, is_
 
 def check(config, workdir, mode: str) -> None:
     """Raises on the first problem of the run `mode` of `config` in `workdir` (module doc)."""
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
+    workdir_checks.check_shared_workdir(workdir)
     if mode == "encode" and not config_lib.is_latent(config):
         raise ConfigError("config.autoencoder.weights: --mode=encode needs an autoencoder")
     if mode in ("train", "encode"):

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import jax
 import ml_collections
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import validation
+from diffusion_jax import paths, validation
 from diffusion_jax.data import latents
 from diffusion_jax.errors import ConfigError, first_line
 from diffusion_jax.models import convert
@@ -42,19 +41,69 @@ FROM_WORKDIR = {
 
 def resolve(config, workdir, mode: str, num_devices: int | None = None):
     """The resolved run config of `mode` (module doc); `num_devices` defaults to this job's."""
+    config = _fetched(config)
     if config.training.init_from:
         config = _merged(convert.finetune_config, config, "training.init_from")
     if mode == "sample" and config.pretrained:
         config = _merged(convert.text_to_image_config, config, "pretrained")
     if workdir is not None:
-        config = _from_workdir(config, Path(workdir), mode)
+        config = _from_workdir(config, paths.path(workdir), mode)
     if mode in ("train", "encode") and config_lib.is_latent(config):
         config = latents.with_latents_dir(config, workdir)
     validation.validate(config, jax.device_count() if num_devices is None else num_devices)
     return config
 
 
-def _from_workdir(config, workdir: Path, mode: str):
+# Files and folders a config names that are read by libraries that need local files
+# (safetensors, tokenizers, PIL, torch pickles): in a bucket, they are read from a local copy.
+FETCHED = (
+    ("pretrained",),
+    ("training", "init_from"),
+    ("text_encoder", "weights"),
+    ("autoencoder", "weights"),
+    ("eval", "params_file"),
+    ("eval", "inception_weights"),
+    ("eval", "reference_stats"),
+    ("data", "data_dir"),
+)
+
+
+def _fetched(config):
+    """`config` with each FETCHED field that names an object in a bucket replaced by its
+    local copy (`paths.local`), logged. An autoencoder run's workdir and a tfds data_dir stay
+    remote: orbax and tfds read buckets themselves."""
+    fetched = {}
+    for field in FETCHED:
+        value = config
+        for key in field:
+            value = value[key]
+        if not value or not paths.is_remote(value):
+            continue
+        if field == ("autoencoder", "weights") and (paths.path(value) / "config.json").exists():
+            continue
+        if field == ("data", "data_dir") and config.data.dataset != "folder":
+            continue
+        name = "config." + ".".join(field)
+        try:
+            copy = paths.local(value)
+            if field == ("eval", "params_file"):  # its config, beside it
+                paths.local(paths.path(value).with_suffix(".json"))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{name}={value}: no such file or folder") from e
+        fetched[field] = str(copy)
+        log.info("%s=%s: read from its local copy %s", name, value, copy)
+    if not fetched:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    for field, value in fetched.items():
+        section = config
+        for key in field[:-1]:
+            section = section[key]
+        section[field[-1]] = value
+    return config
+
+
+def _from_workdir(config, workdir, mode: str):
     """`config` with the FROM_WORKDIR fields it leaves unset taken from workdir/config.json,
     each one logged; a field set to another value is left for pre-flight to refuse."""
     path = workdir / "config.json"

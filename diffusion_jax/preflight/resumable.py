@@ -5,7 +5,6 @@ the wrong network or score them with the wrong process."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from diffusion_jax.errors import ConfigError
 
@@ -13,7 +12,7 @@ from diffusion_jax.errors import ConfigError
 STRUCTURAL_SECTIONS = ("model", "diffusion")
 
 
-def check_resumable_config(config, workdir: Path) -> None:
+def check_resumable_config(config, workdir) -> None:
     """Refuses to resume a workdir whose config.json differs on model or diffusion fields,
     the EMA widths it tracks, or whether it trains the text encoder."""
     path = workdir / "config.json"

@@ -1,19 +1,21 @@
-"""Pre-flight of the workdir: a directory this process can write in, with room for two
-checkpoints of this model (train), or holding what a job reads: a checkpoint (eval, sample,
-export), EMA snapshots (posthoc_ema). Nothing here writes."""
+"""Pre-flight of the workdir: a directory (or a bucket's prefix) this process can write in,
+with room for two checkpoints of this model (train), or holding what a job reads: a
+checkpoint (eval, sample, export), EMA snapshots (posthoc_ema); in a run of several
+processes, the same workdir for all of them. Nothing here writes, but for small files made
+and removed at once to learn whether writing works, and whether the others see them."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from pathlib import Path
+import uuid
 
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing
-from diffusion_jax.errors import ConfigError
+from diffusion_jax import checkpointing, paths
+from diffusion_jax.errors import ConfigError, first_line
 from diffusion_jax.run import schedule_from_config
 
 # Bytes a checkpoint holds per parameter: params, EMA and Adam's two moments, float32.
@@ -32,17 +34,21 @@ def checkpoint_bytes(config) -> int:
     return count * (CHECKPOINT_BYTES_PER_PARAMETER + profiles)
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
+def _existing_ancestor(path):
+    path = paths.path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
-def check_writable_workdir(workdir: Path, needed_bytes: int) -> None:
+def check_writable_workdir(workdir, needed_bytes: int) -> None:
     """A directory (or a path one can be made at) where this process can write, with room
-    for two checkpoints (a new one is complete before the oldest is removed)."""
+    for two checkpoints (a new one is complete before the oldest is removed). In a bucket:
+    a small object can be written and removed (there is no disk to measure)."""
     where = f"--workdir={workdir}"
+    if paths.is_remote(workdir):
+        _check_bucket_writable(paths.path(workdir), where)
+        return
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"{where}: is a file, not a directory; give a directory")
     base = _existing_ancestor(workdir)
@@ -63,7 +69,47 @@ def check_writable_workdir(workdir: Path, needed_bytes: int) -> None:
         )
 
 
-def _can_write_in(folder: Path) -> bool:
+def _check_bucket_writable(workdir, where: str) -> None:
+    probe = workdir / f".diffusion_jax_write_check-{uuid.uuid4().hex[:12]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - a missing bucket, no permission, no credentials
+        raise ConfigError(
+            f"{where}: cannot write in it ({first_line(e, named=True, limit=160)}); check the "
+            "bucket's name, that it exists and that these credentials may write to it"
+        ) from e
+
+
+def check_shared_workdir(workdir) -> None:
+    """Every process of a multi-process run sees the same workdir: process 0 writes a token
+    in it (making the folder, on a disk), the others look for it there. Orbax writes one
+    checkpoint from all processes into one folder, so a local folder on each host would
+    leave every checkpoint in pieces. All processes raise the same one line together."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(uuid.uuid4().bytes, np.uint32))
+    probe = paths.path(workdir) / f".diffusion_jax_shared_check-{bytes(np.asarray(token)).hex()}"
+    if jax.process_index() == 0:
+        paths.write_bytes(probe, b"")
+    multihost_utils.sync_global_devices("shared workdir token written")
+    sees = np.asarray([probe.exists()], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(sees)).reshape(-1)
+    multihost_utils.sync_global_devices("shared workdir token read")
+    if jax.process_index() == 0:
+        probe.unlink()
+    blind = [i for i, ok in enumerate(everyone) if not ok]
+    if blind:
+        raise ConfigError(
+            f"--workdir={workdir}: process(es) {blind} of {jax.process_count()} do not see the "
+            "files process 0 writes there (a local folder on each host?); give a folder every "
+            "host shares (NFS, Lustre) or a bucket (gs://...)"
+        )
+
+
+def _can_write_in(folder) -> bool:
     """Whether a file can be made in `folder`: tried, since permission bits do not tell for
     root, read-only mounts or immutable folders. The file is gone when this returns."""
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -75,7 +121,7 @@ def _can_write_in(folder: Path) -> bool:
         return False
 
 
-def check_posthoc(config, workdir: Path) -> None:
+def check_posthoc(config, workdir) -> None:
     """--mode=posthoc_ema: a width to rebuild, snapshots to rebuild it from, room to write."""
     e = config.eval
     if not (e.ema_sigma_rel > 0 or e.ema_sigma_rels):
@@ -103,7 +149,7 @@ def check_posthoc(config, workdir: Path) -> None:
     check_writable_workdir(workdir, 0)
 
 
-def check_has_checkpoint(config, workdir: Path) -> None:
+def check_has_checkpoint(config, workdir) -> None:
     """A workdir with a checkpoint to read (and the one eval.checkpoint_step names)."""
     where = checkpointing.checkpoint_dir(workdir)
     steps = (
