@@ -4,7 +4,8 @@
 #
 #   install  the code in ~/diffusion_jax (a clone of $repo at $ref, or the tree shipped as
 #            ~/diffusion_jax.tgz) and diffusion_jax[tpu] in ~/diffusion_jax_venv, a virtual
-#            environment with Python $python_version made by uv
+#            environment with Python $python_version made by uv; a run still going is
+#            stopped first (it saves), once the ref is known to exist
 #   start    stop whatever holds the TPU, then start `run` in a session of its own; returns
 #   run      python -m diffusion_jax, logging to ~/diffusion_jax_run/run.log, a copy of which
 #            goes to <workdir>/logs/<worker>.log when the workdir is gs://
@@ -43,9 +44,14 @@ step_install() {
     local commit
     commit=$(git rev-parse -q --verify "origin/$ref^{commit}" || git rev-parse -q --verify "$ref^{commit}") ||
       { echo "$host: error: --ref=$ref is no branch, tag or commit of $repo" >&2; exit 2; }
+    # A run still going imports modules lazily: its code must not change under it.
+    mkdir -p "$dir"
+    stop_previous
     git checkout -q --force --detach "$commit"
     echo "$host: $repo at $ref, commit $(git rev-parse --short HEAD)"
   else
+    mkdir -p "$dir"
+    stop_previous
     rm -rf "$code"
     mkdir -p "$code"
     tar -xzf "$HOME/diffusion_jax.tgz" -C "$code"

@@ -125,15 +125,6 @@ def test_train_resume_kill_eval_and_sample_in_a_bucket(gcs, cwd):
     assert any(name.startswith("tensorboard/events.out.tfevents") for name in objects)
     assert "commit_success.txt" in {n.rsplit("/", 1)[-1] for n in objects}  # orbax's GCS commit
 
-    # Resume to step 4: the metrics go on with one row per step.
-    more = cli(gcs, cwd, f"--workdir={workdir}", *SMOKE, "--config.training.num_steps=4")
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert "steps 2 -> 4" in more.stderr
-    objects = read("runs/digits")
-    assert metric_steps(objects) == [1, 2, 3, 4]
-    assert {3, 4} <= checkpoint_steps(objects)
-    assert "eval/step_4.json" in objects
-
     # SIGKILL in the middle of a long run; the same command resumes from the bucket.
     long_run = [*SMOKE, "--config.training.num_steps=400", "--config.training.eval_at_end=False"]
     killed = subprocess.Popen(
@@ -156,6 +147,7 @@ def test_train_resume_kill_eval_and_sample_in_a_bucket(gcs, cwd):
 
     resumed = cli(gcs, cwd, f"--workdir={workdir}", *SMOKE, "--config.training.num_steps=20")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"steps {max(before)} -> 20" in resumed.stderr
     objects = read("runs/digits")
     assert metric_steps(objects) == list(range(1, 21))  # each step once, in order
     assert 20 in checkpoint_steps(objects)

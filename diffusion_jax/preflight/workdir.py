@@ -92,15 +92,25 @@ def check_shared_workdir(workdir) -> None:
 
     token = multihost_utils.broadcast_one_to_all(np.frombuffer(uuid.uuid4().bytes, np.uint32))
     probe = paths.path(workdir) / f".diffusion_jax_shared_check-{bytes(np.asarray(token)).hex()}"
+    written = None  # process 0's failure to write, if any: every process must reach the syncs
     if jax.process_index() == 0:
-        paths.write_bytes(probe, b"")
+        try:
+            paths.write_bytes(probe, b"")
+        except Exception as e:  # noqa: BLE001 - reported below, by every process alike
+            written = e
     multihost_utils.sync_global_devices("shared workdir token written")
     sees = np.asarray([probe.exists()], np.int32)
     everyone = np.asarray(multihost_utils.process_allgather(sees)).reshape(-1)
     multihost_utils.sync_global_devices("shared workdir token read")
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and written is None:
         probe.unlink()
     blind = [i for i, ok in enumerate(everyone) if not ok]
+    if blind and blind[0] == 0:
+        reason = f" ({first_line(written, named=True, limit=160)})" if written else ""
+        raise ConfigError(
+            f"--workdir={workdir}: process 0 cannot write in it{reason}; fix the permissions "
+            "or the bucket's name, or use another --workdir"
+        )
     if blind:
         raise ConfigError(
             f"--workdir={workdir}: process(es) {blind} of {jax.process_count()} do not see the "
