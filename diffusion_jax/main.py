@@ -125,6 +125,8 @@ def quiet_libraries() -> None:
     notes on its folders) only when they are errors."""
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+    # gcsfs logs each failed request with its traceback; what failed ends the run in one line.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     # `python -m diffusion_jax` imports diffusion_jax.main before runpy runs it as __main__.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
 

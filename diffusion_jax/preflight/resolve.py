@@ -27,6 +27,7 @@ from diffusion_jax.data import latents
 from diffusion_jax.errors import ConfigError, first_line
 from diffusion_jax.models import convert
 from diffusion_jax.preflight.files import check_pipeline
+from diffusion_jax.preflight.workdir import check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ FROM_WORKDIR = {
 
 def resolve(config, workdir, mode: str, num_devices: int | None = None):
     """The resolved run config of `mode` (module doc); `num_devices` defaults to this job's."""
+    if workdir is not None:
+        check_reachable(workdir)
     config = _fetched(config)
     if config.training.init_from:
         config = _merged(convert.finetune_config, config, "training.init_from")
@@ -90,6 +93,8 @@ def _fetched(config):
                 paths.local(paths.path(value).with_suffix(".json"))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{name}={value}: no such file or folder") from e
+        except Exception as e:  # noqa: BLE001 - no network, no credentials
+            raise ConfigError(f"{name}={value}: cannot read it ({first_line(e)})") from e
         fetched[field] = str(copy)
         log.info("%s=%s: read from its local copy %s", name, value, copy)
     if not fetched:

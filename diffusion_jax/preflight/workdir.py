@@ -69,6 +69,21 @@ def check_writable_workdir(workdir, needed_bytes: int) -> None:
         )
 
 
+def check_reachable(workdir) -> None:
+    """A bucket workdir can be reached at all (network, credentials): the first thing a job
+    reads there is its config.json, and a failure then is one line, not a traceback."""
+    if not paths.is_remote(workdir):
+        return
+    try:
+        paths.path(workdir).exists()
+    except Exception as e:  # noqa: BLE001 - no network, no credentials, a malformed name
+        raise ConfigError(
+            f"--workdir={workdir}: cannot reach it ({first_line(e, named=True, limit=160)}); "
+            "check the network, the bucket's name and the credentials "
+            "(gcloud auth application-default login)"
+        ) from e
+
+
 def _check_bucket_writable(workdir, where: str) -> None:
     probe = workdir / f".diffusion_jax_write_check-{uuid.uuid4().hex[:12]}"
     try:
