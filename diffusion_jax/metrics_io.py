@@ -28,8 +28,10 @@ class MetricWriter:
     the rows after the step it resumes from (`resume_step`): a run killed after logging
     past its last checkpoint logs those steps again, and the file keeps one row per step.
 
-    In a bucket, which has no append, the file is kept in memory and written whole after
-    each row, and TensorBoard's event file is written locally and uploaded (`_RemoteEvents`).
+    In a bucket, which has no append, the file is kept in memory and written whole at most
+    every `remote_every` seconds, at `flush` (before each checkpoint) and at `close`; a
+    failed upload is a warning, retried at the next one, not the end of the run.
+    TensorBoard's event file is written locally and uploaded likewise (`_RemoteEvents`).
     """
 
     def __init__(
@@ -38,11 +40,15 @@ class MetricWriter:
         filename: str = "metrics.jsonl",
         tensorboard: bool = True,
         resume_step: int | None = None,
+        remote_every: float = 10.0,
+        clock=time.monotonic,
     ):
         self.enabled = jax.process_index() == 0
         self.path = paths.path(workdir) / filename
         self._remote = paths.is_remote(self.path)
         self._text = None  # the whole file, for a bucket
+        self._remote_every, self._clock = remote_every, clock
+        self._flushed_at, self._unflushed = clock(), False
         self._tb = self._events = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +74,9 @@ class MetricWriter:
         line = json.dumps(row, allow_nan=False) + "\n"
         if self._remote:
             self._text += line
-            paths.write_text(self.path, self._text)
+            self._unflushed = True
+            if self._clock() - self._flushed_at >= self._remote_every:
+                self.flush()
         else:
             with self.path.open("a") as f:
                 f.write(line)
@@ -80,7 +88,19 @@ class MetricWriter:
             if self._events:
                 self._events.upload()
 
+    def flush(self) -> None:
+        """Writes what a bucket does not hold yet (nothing to do on a local disk)."""
+        if not (self.enabled and self._remote and self._unflushed):
+            return
+        self._flushed_at = self._clock()
+        try:
+            paths.write_text(self.path, self._text)
+            self._unflushed = False
+        except Exception as e:  # noqa: BLE001 - the rows stay in memory for the next try
+            log.warning("could not write %s (%s); trying again later", self.path, e)
+
     def close(self) -> None:
+        self.flush()
         if self._tb is not None:
             self._tb.close()
             if self._events:
@@ -104,8 +124,11 @@ class _RemoteEvents:
             return
         self._last = now
         for name in sorted(p.name for p in paths.path(self.local).iterdir()):
-            with open(f"{self.local}/{name}", "rb") as f:
-                paths.write_bytes(self.remote / name, f.read())
+            try:
+                with open(f"{self.local}/{name}", "rb") as f:
+                    paths.write_bytes(self.remote / name, f.read())
+            except Exception as e:  # noqa: BLE001 - uploaded whole again at the next try
+                log.warning("could not upload %s to %s (%s)", name, self.remote, e)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.local, ignore_errors=True)

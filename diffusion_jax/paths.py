@@ -18,33 +18,53 @@ import hashlib
 import io
 import os
 import pathlib
+import re
 import shutil
 import tempfile
+import uuid
 
 # fsspec's gcsfs, not TensorFlow's gfile, serves gs:// for epath: one client for every
 # read and write of the run (gfile does not see a storage emulator, and would only serve
 # the paths that TensorFlow was built to reach).
 os.environ.setdefault("EPATH_USE_TF", "false")
 
+import fsspec  # noqa: E402
 from etils import epath  # noqa: E402
+
+from diffusion_jax.errors import ConfigError  # noqa: E402
+
+# Listings are read fresh: another process may have written (or moved aside) a checkpoint
+# since, and gcsfs would otherwise answer from its cache for the life of the process.
+for _protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 Path = epath.Path
 PathLike = str | os.PathLike
 
-REMOTE_SCHEMES = ("gs://", "s3://", "az://", "hf://")
+SCHEMES = ("gs", "s3", "az", "hf")  # the stores epath speaks
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 CACHE_ENV = "DIFFUSION_JAX_CACHE"
 
 
 def is_remote(p: PathLike) -> bool:
     """Whether `p` names an object in a store (gs://, s3://, ...) rather than a local file."""
-    return os.fspath(p).startswith(REMOTE_SCHEMES)
+    return _SCHEME.match(os.fspath(p)) is not None
 
 
 def path(p: PathLike) -> epath.Path:
     """`p` as a path that reads and writes the same locally and in a bucket. A local path is
-    made absolute, as the workdir is shared by processes whose current directories differ."""
+    made absolute, as the workdir is shared by processes whose current directories differ.
+    A scheme other than SCHEMES (gcs://, GS://, http://) is a ConfigError naming it."""
     text = os.fspath(p)
-    return epath.Path(text) if is_remote(text) else epath.Path(os.path.abspath(text))
+    scheme = _SCHEME.match(text)
+    if scheme is None:
+        return epath.Path(os.path.abspath(text))
+    if scheme[1] not in SCHEMES:
+        raise ConfigError(
+            f"{text}: {scheme[1]}:// is not a store this reads; use "
+            f"{', '.join(s + '://' for s in SCHEMES)} or a local path"
+        )
+    return epath.Path(text)
 
 
 def write_bytes(target: PathLike, data: bytes) -> None:
@@ -107,7 +127,9 @@ def local(p: PathLike) -> pathlib.Path:
     """A local path with the contents of `p`: `p` itself on a local disk; for an object or a
     prefix in a store, a copy in the cache folder ($DIFFUSION_JAX_CACHE or
     ~/.cache/diffusion_jax/remote), fetched once and fetched again when an object changes
-    size. For readers that need a real file: safetensors, tokenizers, PIL, torch pickles."""
+    (its size or time). For readers that need a real file: safetensors, tokenizers, PIL,
+    torch pickles. Processes sharing the cache (an NFS home) each write their own temporary
+    file and rename it, so none reads a torn copy."""
     if not is_remote(p):
         return pathlib.Path(os.fspath(p))
     source = path(p)
@@ -131,15 +153,35 @@ def files_under(folder: PathLike) -> list[epath.Path]:
     return found
 
 
+def _version(source: epath.Path) -> str:
+    """What changes whenever the object is written again: GCS's generation (S3's ETag),
+    else its size and time."""
+    fs, key = fsspec.core.url_to_fs(os.fspath(source))
+    info = fs.info(key)
+    for field in ("generation", "ETag", "etag", "md5Hash"):
+        if info.get(field):
+            return f"{field} {info[field]}"
+    when = info.get("mtime") or info.get("updated") or info.get("LastModified")
+    return f"{info.get('size')} {when}"
+
+
 def _fetch(source: epath.Path, dest: pathlib.Path) -> None:
-    size = source.stat().length
-    if dest.is_file() and dest.stat().st_size == size:
+    stamp = _version(source)
+    stamp_file = dest.with_name(f".{dest.name}.source")
+    if dest.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with source.open("rb") as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 24)
-    os.replace(tmp, dest)
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with source.open("rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 24)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    stamp_tmp = stamp_file.with_name(f"{stamp_file.name}-{os.getpid()}")
+    stamp_tmp.write_text(stamp)
+    os.replace(stamp_tmp, stamp_file)
 
 
 @contextlib.contextmanager

@@ -54,6 +54,13 @@ die() { echo "error: $*" >&2; exit 2; }
 if [ -n "$ref" ] && [ -z "$repo" ]; then
   repo=$(git -C "$root" remote get-url origin 2>/dev/null) || die "--ref needs --repo (this checkout has no origin)"
 fi
+# An unknown ref stops here, before TPUs are asked for (a queued request can wait for days).
+# A branch or tag is looked up in the repo; a commit must be one this checkout knows.
+if [ -n "$ref" ] && [ "$dry_run" = 0 ]; then
+  git ls-remote --exit-code "$repo" "$ref" >/dev/null 2>&1 ||
+    git -C "$root" cat-file -e "$ref^{commit}" 2>/dev/null ||
+    die "--ref=$ref is no branch, tag or commit of $repo"
+fi
 # The runtime images that match each TPU generation; all have Python 3.10, so the workers
 # get a virtual environment with Python $python_version from uv (tpu_worker.sh).
 if [ -z "$version" ]; then
@@ -94,7 +101,13 @@ node_state() { describe compute tpus tpu-vm describe "$name" "${flags[@]}" --for
 wait_for() {  # wait_for WHAT STATE-FUNCTION READY-STATE: poll until ready; fail on a dead end
   local what=$1 get=$2 ready=$3 state last="" start=$SECONDS
   while :; do
-    state=$($get)
+    # A transient gcloud error (a dropped connection) must not end a wait of days.
+    local tries=0
+    until state=$($get); do
+      tries=$((tries + 1))
+      [ "$tries" -lt 5 ] || { echo "error: could not read the state of $what" >&2; exit 1; }
+      sleep "$poll_seconds"
+    done
     [ "$state" = "$last" ] || echo "$what: ${state:-gone}"
     last=$state
     case "$state" in

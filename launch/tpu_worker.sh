@@ -19,7 +19,7 @@ log=$dir/run.log
 host=$(hostname)
 # Seconds between copies of the log to the bucket, and that a previous run gets to save.
 log_copy_seconds=${TPU_LOG_COPY_SECONDS:-60}
-stop_grace_seconds=${TPU_STOP_GRACE_SECONDS:-120}
+stop_grace_seconds=${TPU_STOP_GRACE_SECONDS:-600}  # a large model's save to a bucket
 # The TPU's device files (/dev/accel* up to v4, /dev/vfio/* from v5) and libtpu's lock; a
 # test points them elsewhere.
 tpu_devices=${TPU_DEVICE_FILES:-/dev/accel* /dev/vfio/[0-9]*}

@@ -258,8 +258,7 @@ def test_ref_is_checked_out_on_every_worker_and_a_bad_one_fails(fakes, tmp_path)
     out = launch_tpu(fakes, "--type=v5p-16", f"--repo={repo}", "--ref=no-such-branch")
     assert out.returncode != 0
     assert f"error: --ref=no-such-branch is no branch, tag or commit of {repo}" in out.stderr
-    assert "tpu-vm scp" not in cloud.verbs()
-    assert len(cloud.calls("compute", "tpus", "tpu-vm", "ssh")) == 1  # install, no start
+    assert not cloud.calls()  # refused before any TPU was asked for
 
     out = launch_tpu(fakes, "--type=v5p-16", f"--repo={repo}", "--ref=main")
     assert out.returncode == 0, out.stderr

@@ -104,10 +104,12 @@ def metric_steps(objects) -> list[int]:
 
 
 def checkpoint_steps(objects, folder="checkpoints") -> set[int]:
+    """The committed steps: a bucket has no rename, so orbax marks a finished step with
+    <step>/commit_success.txt, and a step without it (a kill mid-save) does not count."""
     return {
-        int(name.split("/")[1])
-        for name in objects
-        if name.startswith(f"{folder}/") and name.split("/")[1].isdigit()
+        int(parts[1])
+        for parts in (name.split("/") for name in objects)
+        if parts[0] == folder and parts[1].isdigit() and parts[2:] == ["commit_success.txt"]
     }
 
 
@@ -165,7 +167,48 @@ def test_train_resume_kill_eval_and_sample_in_a_bucket(gcs, cwd):
     assert objects["samples/sample_step_20.png"].startswith(b"\x89PNG")
     assert json.loads(objects["samples/sample_step_20.json"])["step"] == 20
 
+    # Export to the bucket, then score the exported file from another bucket workdir: the
+    # file is read from a local copy, fetched into the cache.
+    cache = cwd.parent / "cache"
+    env = {**gcs, "DIFFUSION_JAX_CACHE": str(cache)}
+    exported = cli(env, cwd, f"--workdir={workdir}", *SMOKE, "--mode=export",
+                   "--config.training.num_steps=20")  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    params_file = f"{workdir}/export/ema_step_20.msgpack"
+    from_file = cli(env, cwd, f"--workdir=gs://{BUCKET}/runs/from_file", *SMOKE, "--mode=eval",
+                    f"--config.eval.params_file={params_file}")  # fmt: skip
+    assert from_file.returncode == 0, from_file.stderr[-3000:]
+    assert f"config.eval.params_file={params_file}: read from its local copy" in from_file.stderr
+    scored_file = json.loads(read("runs/from_file")["eval/file_ema_step_20.json"])
+    assert scored_file["digits_fd"] == json.loads(objects["eval/step_20.json"])["digits_fd"]
+    assert sorted(p.name for p in cache.rglob("*.msgpack")) == ["ema_step_20.msgpack"]
+
     assert list(cwd.iterdir()) == []  # nothing landed in the current directory
+
+
+def test_a_copy_is_fetched_again_when_its_object_changes(gcs, tmp_path):
+    code = (
+        "import sys\n"
+        "from diffusion_jax import paths\n"
+        f"obj = 'gs://{BUCKET}/weights/w.bin'\n"
+        "paths.write_bytes(obj, b'first')\n"
+        "copy = paths.local(obj)\n"
+        "assert copy.read_bytes() == b'first', copy.read_bytes()\n"
+        "assert paths.local(obj) == copy\n"
+        "paths.write_bytes(obj, b'other')  # the same size: only its time tells\n"
+        "assert paths.local(obj).read_bytes() == b'other'\n"
+        "try:\n"
+        "    paths.path('gcs://b/x')\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    env = {**gcs, "DIFFUSION_JAX_CACHE": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ConfigError gcs://b/x: gcs:// is not a store this reads")
+    assert not [p for p in tmp_path.rglob("*") if ".part-" in p.name]
 
 
 def test_a_missing_bucket_is_one_line(gcs, cwd):

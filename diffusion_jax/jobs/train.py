@@ -193,6 +193,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     progress = metrics_io.Progress(t_cfg.num_steps, start, unit="steps")
 
     def save(step):
+        writer.flush()  # the rows up to a checkpoint are kept whatever happens next
         meta = {"data_position": step, "step": step, "config": json.loads(config_json)}
         saver.save(step, state, meta)
 
@@ -249,7 +250,7 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
     step = start
     pending = None  # (step, metrics) of the last logged step, not yet fetched
     stopping = False
-    with Preemption() as preemption:
+    with Preemption() as preemption, contextlib.closing(writer):
         while step < t_cfg.num_steps:
             state, metrics = train_step(state, next(batches), train_key)
             step += 1
@@ -294,7 +295,6 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
         saver.close()
         if snapshots is not None:
             snapshots.close()
-    writer.close()
     log.info("checkpoints written (waited %.1fs)", time.perf_counter() - t0)
     if preemption.requested:
         raise errors.Stopped(preemption.signal_name, step)

@@ -18,7 +18,9 @@ resolved: `preflight.resolve`.)
    eval.reference_stats when a metric needs them, autoencoder.weights, text_encoder.weights,
    the pipeline folder of config.pretrained: present, readable and of the claimed format.
 
-Nothing here writes: a failed pre-flight leaves the workdir as it was.
+Nothing here writes but small probe files, removed at once (whether the workdir can be
+written, whether every process sees it; a multi-process run's workdir folder is made for
+that): a failed pre-flight leaves the workdir's contents as they were.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import export
+from diffusion_jax import export, paths
 from diffusion_jax.data import folder, pipeline
 from diffusion_jax.errors import ConfigError, first_line
 
@@ -17,7 +17,11 @@ def check_data(config, split: str) -> None:
     """The data of `split` can be read: a tfds data set is prepared (or data.download is on),
     an image folder holds images. Latent shards are checked (and made) by the run."""
     d = config.data
-    if config_lib.is_latent(config) and (Path(d.latents or "") / f"{split}-meta.json").exists():
+    if (
+        config_lib.is_latent(config)
+        and d.latents
+        and (paths.path(d.latents) / f"{split}-meta.json").exists()
+    ):
         return
     if d.dataset == "folder":
         folder.list_images(d.data_dir)

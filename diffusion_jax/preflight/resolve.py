@@ -82,8 +82,8 @@ def _fetched(config):
             value = value[key]
         if not value or not paths.is_remote(value):
             continue
-        if field == ("autoencoder", "weights") and (paths.path(value) / "config.json").exists():
-            continue
+        if field == ("autoencoder", "weights") and (paths.path(value) / "checkpoints").exists():
+            continue  # an autoencoder run's workdir: orbax reads its checkpoints in place
         if field == ("data", "data_dir") and config.data.dataset != "folder":
             continue
         name = "config." + ".".join(field)

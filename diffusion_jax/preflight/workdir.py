@@ -114,7 +114,10 @@ def check_shared_workdir(workdir) -> None:
         except Exception as e:  # noqa: BLE001 - reported below, by every process alike
             written = e
     multihost_utils.sync_global_devices("shared workdir token written")
-    sees = np.asarray([probe.exists()], np.int32)
+    try:
+        sees = np.asarray([probe.exists()], np.int32)
+    except Exception:  # noqa: BLE001 - a failed look is a "no": every process reaches the gather
+        sees = np.zeros(1, np.int32)
     everyone = np.asarray(multihost_utils.process_allgather(sees)).reshape(-1)
     multihost_utils.sync_global_devices("shared workdir token read")
     if jax.process_index() == 0 and written is None:
