@@ -185,6 +185,9 @@ def base_config() -> ml_collections.ConfigDict:
     s.final_sigmas_type = ""
     # Karras sigmas (rho = 7) instead of a spacing; default True for euler/heun, else False.
     s.use_karras_sigmas = placeholder(bool)
+    # The top of the Karras grid; unset: min(sigma_{T-1}, 80). Lower it for few steps on
+    # small images (digits: 10 gives Heun at 10 NFE within 1.2x of DDIM, against 1.8x).
+    s.sigma_max = placeholder(float)
     s.solver_order = placeholder(int)  # dpm_solver++: 1, 2 (2M, default) or 3 (3M)
     # dpm_solver++ with < 15 steps: first order on the last step, at most 2 on the one before.
     s.lower_order_final = placeholder(bool)
@@ -314,6 +317,7 @@ SAMPLER_FIELDS = {
     "steps_offset": "sampling.steps_offset",
     "final_sigmas_type": "sampling.final_sigmas_type",
     "karras_sigmas": "sampling.use_karras_sigmas",
+    "sigma_max": "sampling.sigma_max",
     "solver_order": "sampling.solver_order",
     "lower_order_final": "sampling.lower_order_final",
     "conventions": "sampling.conventions",
@@ -347,6 +351,7 @@ def sample_settings(config, sampling=None):
         steps_offset=s.steps_offset,
         final_sigmas_type=s.final_sigmas_type,
         karras_sigmas=s.use_karras_sigmas,
+        sigma_max=s.sigma_max,
         solver_order=s.solver_order,
         lower_order_final=bool(s.lower_order_final),
         conventions=s.conventions,

@@ -19,11 +19,27 @@ def config_path(params_path) -> paths.Path:
     return paths.path(params_path).with_suffix(".json")
 
 
-def save_params(path, params, config: ml_collections.ConfigDict) -> None:
-    """Writes params (a pytree of arrays, gathered to the host) and the config beside them."""
+# The field of an export's .json that records the training step of its weights.
+STEP_FIELD = "export_step"
+
+
+def save_params(path, params, config: ml_collections.ConfigDict, step: int | None = None):
+    """Writes params (a pytree of arrays, gathered to the host) and the config beside them,
+    with the training step they are the weights of (STEP_FIELD), when given."""
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
     paths.write_bytes(path, flax.serialization.msgpack_serialize(host))
-    paths.write_text(config_path(path), config.to_json_best_effort(indent=2))
+    record = json.loads(config.to_json_best_effort())
+    if step is not None:
+        record[STEP_FIELD] = int(step)
+    paths.write_text(config_path(path), json.dumps(record, indent=2))
+
+
+def exported_step(path) -> int | None:
+    """The training step recorded beside an exported file (None for older exports)."""
+    try:
+        return json.loads(config_path(path).read_text()).get(STEP_FIELD)
+    except (OSError, ValueError):
+        return None
 
 
 def params_fingerprint(params) -> str:

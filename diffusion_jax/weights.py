@@ -55,7 +55,10 @@ def job_params(config, workdir, run, step: int | None = None):
         step = current_posthoc_step(workdir, width, step)
         return step, _load_placed(posthoc_path(workdir, width, step), run)
     if config.eval.params_file:
-        return 0, _load_placed(config.eval.params_file, run)
+        # The step it was exported at: its samples get that step's noise, so that the file
+        # scores exactly as its checkpoint does.
+        step = export.exported_step(config.eval.params_file)
+        return step or 0, _load_placed(config.eval.params_file, run)
     manager = checkpointing.make_manager(workdir, read_only=True)
     available = manager.all_steps()
     if not available:

@@ -298,9 +298,15 @@ def test_multistep_matches_numpy_reference(x64, sampler, kw, kind):
         # EDM's ImageNet-64 churn settings, on a few steps so that S_churn / K is large.
         ("heun", 7, (40.0, 0.05, 50.0, 1.003)),
         ("euler", 6, (40.0, 0.05, 50.0, 1.003)),
+        # A lower top of the grid (sampling.sigma_max), for few steps on small images.
+        ("heun", 9, {"sigma_max": 10.0}),
+        ("euler", 5, {"sigma_max": 3.0}),
     ],
 )
 def test_karras_matches_numpy_reference(x64, sampler, num_steps, churn):
+    top = PROJECT_SIGMA_MAX
+    if isinstance(churn, dict):
+        top, churn = churn["sigma_max"], None
     sched = dm.make_schedule("linear", 1000)
     abar = np.asarray(sched.alphas_cumprod)
     key = jax.random.key(5)
@@ -318,10 +324,12 @@ def test_karras_matches_numpy_reference(x64, sampler, num_steps, churn):
         sampler=sampler,
         num_steps=num_steps,
         clip_denoised=False,
+        sigma_max=None if top == PROJECT_SIGMA_MAX else top,
         **kw,
     )
     steps = num_steps if sampler == "euler" else (num_steps + 1) // 2
-    ts = ref_karras_timesteps(abar, steps, sigma_max=PROJECT_SIGMA_MAX)
+    ts = ref_karras_timesteps(abar, steps, sigma_max=top)
+    assert np.sqrt((1 - abar[ts[0]]) / abar[ts[0]]) <= top * 1.05  # the grid starts at the top
     x0_fn = np_x0_from_eps(abar, lambda x, t: toy_eps(x, t, np))
     ref = ref_edm(
         x0_fn,
@@ -594,6 +602,8 @@ def test_heun_returns_the_x0_of_every_evaluation():
     [
         ("euler", {"spacing": "uniform"}, "^spacing: 'uniform' does not apply"),
         ("unipc", {"unipc_variant": "bh3"}, "^unipc_variant: unknown 'bh3'"),
+        ("ddim", {"sigma_max": 10.0}, "^sigma_max: is the top of a Karras grid"),
+        ("heun", {"sigma_max": 0.0}, "^sigma_max: must be > 0"),
     ],
 )
 def test_argument_errors(sampler, option, message):

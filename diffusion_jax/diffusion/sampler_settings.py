@@ -105,6 +105,10 @@ class SamplerSettings:
     karras_sigmas: step on Eq. 5 of Karras et al. (rho = 7) instead of a spacing; None: True
       for euler and heun under the project's conventions without explicit timesteps, else
       False (`uses_karras_sigmas`). For euler, heun and the dpm_solver++ family.
+    sigma_max: the top of the Karras grid, when below the range's own (None: min(sigma_{T-1},
+      80) under the project's conventions, as `timesteps.Conventions` says). Few steps spend
+      less of their budget on noise levels that hardly change a small image when it is
+      lower (digits at 16x16: 10; `benchmarks/README.md`). Only with Karras sigmas.
     solver_order: dpm_solver++'s order: 1 (the DDIM update in lambda), 2 (2M, default) or 3
       (3M); 1 or 2 for dpm_solver++_sde; 3 for dpm_solver++_3m; None: the sampler's.
     lower_order_final: with fewer than 15 steps, the dpm_solver++ family takes its last step
@@ -131,6 +135,7 @@ class SamplerSettings:
     steps_offset: int = 0
     final_sigmas_type: str = "zero"
     karras_sigmas: bool | None = None
+    sigma_max: float | None = None
     solver_order: int | None = None
     lower_order_final: bool = False
     conventions: str = "project"
@@ -205,6 +210,14 @@ class SamplerSettings:
         )
 
     def _check_karras_sigmas(self):
+        known = _concrete(self.sigma_max)
+        _require(known is None or known > 0, "sigma_max", f"must be > 0, not {self.sigma_max!r}")
+        _require(
+            self.sigma_max is None or self.uses_karras_sigmas,
+            "sigma_max",
+            f"is the top of a Karras grid, and sampler {self.sampler!r} steps here on "
+            "timesteps; leave it unset, or turn Karras sigmas on (euler, heun, dpm_solver++)",
+        )
         if not self.uses_karras_sigmas:
             return
         _require(
@@ -255,7 +268,10 @@ class SamplerSettings:
     def record(self) -> dict:
         """What result files (eval/step_<N>.json, samples' .json) record of the sampler: its
         name, its budget num_steps and the network evaluations it spent."""
-        return {"sampler": self.sampler, "num_steps": self.num_steps, "nfe": self.nfe}
+        record = {"sampler": self.sampler, "num_steps": self.num_steps, "nfe": self.nfe}
+        if self.sigma_max is not None:
+            record["sigma_max"] = self.sigma_max
+        return record
 
 
 OPTIONS = tuple(field.name for field in dataclasses.fields(SamplerSettings))

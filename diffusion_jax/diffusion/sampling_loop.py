@@ -296,6 +296,7 @@ def sample(
         karras_sigmas=karras_sigmas,
         final_alpha_cumprod=1.0 if final_is_data else sched.alphas_cumprod[0],
         conventions=conv,
+        sigma_max=s.sigma_max,
     )
     if return_x0_at is not None:
         return_x0_at = tuple(int(i) for i in return_x0_at)

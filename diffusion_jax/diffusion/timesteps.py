@@ -182,6 +182,7 @@ def sampling_grid(
     karras_sigmas: bool = False,
     final_alpha_cumprod: float = 1.0,
     conventions: Conventions = PROJECT,
+    sigma_max: float | None = None,
 ):
     """The grid of `dm.sample`: (timesteps (K,), abar (K,), DDIM's next levels abar' (K,), final).
 
@@ -189,8 +190,9 @@ def sampling_grid(
     their table levels abar_{t_i} (sigma interpolated linearly at fractional timesteps,
     `karras.sigma_at_timestep`, abar = 1 / (1 + sigma^2)). With them, K sigmas of Eq. 5 of
     Karras et al. between the range's ends become timesteps as `conventions.level_timesteps`
-    says. abar'_i is abar_{i+1}, final_alpha_cumprod after the last step (or DDIMScheduler's
-    t - floor(T / K), `Conventions.ddim_prev_step_ratio`). Traceable in the schedule.
+    says, the range's top lowered to `sigma_max` when given. abar'_i is abar_{i+1},
+    final_alpha_cumprod after the last step (or DDIMScheduler's t - floor(T / K),
+    `Conventions.ddim_prev_step_ratio`). Traceable in the schedule.
     """
     table = sched.alphas_cumprod
     num_timesteps = sched.num_timesteps
@@ -221,6 +223,9 @@ def sampling_grid(
         elif conventions.karras_sigma_max is not None:
             top = jnp.sqrt((1.0 - table[-1]) / table[-1])
             hi = jnp.minimum(top, conventions.karras_sigma_max)
+        if sigma_max is not None:
+            top = jnp.sqrt((1.0 - table[-1]) / table[-1]) if hi is None else hi
+            hi = jnp.minimum(top, sigma_max)
         if conventions.level_timesteps == "nearest":
             spaced = karras.karras_timesteps(table, num_steps, sigma_min=lo, sigma_max=hi)
             abar = table[spaced]

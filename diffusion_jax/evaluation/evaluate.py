@@ -195,7 +195,10 @@ def settings_key(config) -> str:
     e = config.eval.to_dict()
     e.pop("checkpoint_step", None)
     e["ema_sigma_rels"] = ()  # base_config's, so that results keep their keys
-    fields = {"sampling": config.sampling.to_dict(), "eval": e, "seed": config.training.seed}
+    sampling = config.sampling.to_dict()
+    if sampling.get("sigma_max") is None:
+        sampling.pop("sigma_max", None)  # a field newer than some results: keep their keys
+    fields = {"sampling": sampling, "eval": e, "seed": config.training.seed}
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 

@@ -46,7 +46,7 @@ def export_ema(config, workdir) -> paths.Path:
         return path
     path = paths.path(workdir) / "export" / f"{weights.ema_file_name(config, step)}.msgpack"
     if parallel.is_main_process():
-        export.save_params(path, host, config)
+        export.save_params(path, host, config, step)
         log.info(
             "export: wrote %s and %s: %s",
             path,

@@ -121,7 +121,7 @@ def posthoc_ema(config, workdir) -> list[dict]:
         path = posthoc_path(workdir, width, step)
         record = {"sigma_rel": width, "step": step, "file": str(path)}
         if parallel.is_main_process():
-            export.save_params(path, params, config)
+            export.save_params(path, params, config, step)
             paths.write_text(
                 path.with_suffix(".weights.json"),
                 json.dumps(
