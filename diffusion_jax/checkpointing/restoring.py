@@ -114,9 +114,14 @@ def restore_ema(manager: ocp.CheckpointManager, step: int, abstract_params, prof
         ),
     )
     if profile is None:
-        log.info("checkpoint: restored the EMA parameters of step %d", step)
+        log.info("checkpoint: restored the EMA parameters of step %d (%s)", step, manager.directory)
         return restored.state["ema_params"]
-    log.info("checkpoint: restored power-function EMA %d of step %d", profile[0], step)
+    log.info(
+        "checkpoint: restored power-function EMA %d of step %d (%s)",
+        profile[0],
+        step,
+        manager.directory,
+    )
     return restored.state["power_emas"][profile[0]]
 
 
