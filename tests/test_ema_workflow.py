@@ -138,20 +138,35 @@ def test_a_stale_rebuild_is_refused_and_a_resume_keeps_snapshotting(readme_run, 
     assert sample.sample(config, resumed).name == "sample_sigma_rel_0.0700_step_2.png"
 
 
+def refused(*args, message: str) -> None:
+    """The command, as a user types it, ends in one `error:` line matching `message`, exit 2."""
+    result = run_cli(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(message, lines[-1]) and lines[-1].startswith("error: "), lines[-1]
+
+
 def test_posthoc_at_a_step_without_a_snapshot_is_one_line(readme_run):
     workdir, _ = readme_run
-    config = config_of(workdir, "posthoc_ema", eval__ema_sigma_rel=0.07, eval__checkpoint_step=1)
-    with pytest.raises(
-        ConfigError, match=r"^config.eval.checkpoint_step: no EMA snapshot at step 1"
-    ):
-        preflight.check(config, workdir, "posthoc_ema")
+    refused(
+        "--config=configs/digits.py:smoke",
+        f"--workdir={workdir}",
+        "--mode=posthoc_ema",
+        "--config.eval.ema_sigma_rel=0.07",
+        "--config.eval.checkpoint_step=1",
+        message=r"^error: config.eval.checkpoint_step: no EMA snapshot at step 1",
+    )
 
 
 def test_other_tracked_widths_are_refused_with_the_right_advice(readme_run):
     workdir, _ = readme_run
-    config = config_of(workdir, "eval", optim__ema_sigma_rels=(0.05,))
-    with pytest.raises(ConfigError, match=r"leave optim.ema_sigma_rels unset"):
-        preflight.check(config, workdir, "eval")
+    refused(
+        "--config=configs/digits.py:smoke",
+        f"--workdir={workdir}",
+        "--mode=eval",
+        "--config.optim.ema_sigma_rels=(0.05,)",
+        message=r"leave optim.ema_sigma_rels unset",
+    )
 
 
 def test_eval_scores_each_width_of_a_sweep(readme_run):
@@ -179,12 +194,14 @@ def test_eval_scores_each_width_of_a_sweep(readme_run):
     ],
 )
 def test_settings_that_cannot_apply_are_refused(arg, fields, message, tmp_path):
-    config = load_config("digits.py", arg)
-    for key, value in fields.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    with pytest.raises(ConfigError, match=message):
-        preflight.resolve(config, tmp_path, "sample", num_devices=8)
+    refused(
+        f"--config=configs/digits.py:{arg}",
+        f"--workdir={tmp_path}",
+        "--mode=sample",
+        *[f"--config.{key}={value}" for key, value in fields.items()],
+        message=message.replace("^", "^error: ", 1),
+    )
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_posthoc_sweep_is_not_scored_twice(readme_run, caplog):
