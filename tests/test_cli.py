@@ -13,13 +13,16 @@ from conftest import FAST_COMPILE
 ROOT = Path(__file__).parents[1]
 
 
-def run_cli(*args, timeout=600, fast_compile=True):
-    """The command in a subprocess on one CPU device. fast_compile trades run time for
-    compile time (XLA's lowest optimisation level): right for a few steps, not for hundreds."""
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE if fast_compile else "", "JAX_PLATFORMS": "cpu"}
+def run_cli(*args, timeout=600, fast_compile=True, cwd=ROOT, env=None):
+    """The command in a subprocess on one CPU device (`env`, when given, is its whole
+    environment). fast_compile trades run time for compile time (XLA's lowest optimisation
+    level): right for a few steps, not for hundreds."""
+    if env is None:
+        flags = FAST_COMPILE if fast_compile else ""
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
         [sys.executable, "-m", "diffusion_jax", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST_COMPILE
+from test_cli import run_cli
+from test_multihost import free_port
 
 ROOT = Path(__file__).parents[1]
 BUCKET = "bkt"
@@ -23,12 +24,6 @@ SMOKE = [
     f"--config={ROOT}/configs/digits.py:smoke",
     "--config.training.sample_every=100000",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +58,8 @@ def cwd(tmp_path_factory):
     return tmp_path_factory.mktemp("cwd")
 
 
-def cli(env, cwd, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "diffusion_jax", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def cli(env, cwd, *args):
+    return run_cli(*args, cwd=cwd, env=env, timeout=300)
 
 
 def bucket(env):
