@@ -46,11 +46,10 @@ def test_every_config_file_is_listed():
 def test_config_loads_and_validates(name, arg):
     config = load_config(name, arg)
     validation.validate(config, num_devices=8 if "smoke" in arg else None)
-    assert load_config(name, arg).__doc__ is None or True  # loading twice is side-effect free
-    doc = importlib.util.spec_from_file_location("m", CONFIGS / name)
+    # Loading twice gives the same config: a recipe keeps no state between calls.
+    assert load_config(name, arg).to_json_best_effort() == config.to_json_best_effort()
     text = (CONFIGS / name).read_text()
     assert "diffusion-jax --config=configs/" + name in text, "docstring holds the command"
-    del doc
 
 
 def test_published_parameter_counts():
