@@ -32,30 +32,32 @@ class MetricWriter:
     every `remote_every` seconds, at `flush` (before each checkpoint) and at `close`; a
     failed upload is a warning, retried at the next one, not the end of the run.
     TensorBoard's event file is written locally and uploaded likewise (`_RemoteEvents`).
+    `filename=None` writes TensorBoard alone (`add`: evaluations, pictures).
     """
 
     def __init__(
         self,
         workdir,
-        filename: str = "metrics.jsonl",
+        filename: str | None = "metrics.jsonl",
         tensorboard: bool = True,
         resume_step: int | None = None,
         remote_every: float = 10.0,
         clock=time.monotonic,
     ):
         self.enabled = jax.process_index() == 0
-        self.path = paths.path(workdir) / filename
-        self._remote = paths.is_remote(self.path)
+        self.path = paths.path(workdir) / filename if filename else None
+        self._remote = paths.is_remote(workdir)
         self._text = None  # the whole file, for a bucket
         self._remote_every, self._clock = remote_every, clock
         self._flushed_at, self._unflushed = clock(), False
         self._tb = self._events = None
-        if self.enabled:
+        if self.enabled and self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 truncate_rows(self.path, resume_step)
             if self._remote:
                 self._text = self.path.read_text() if self.path.exists() else ""
+        if self.enabled:
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
@@ -88,9 +90,24 @@ class MetricWriter:
             if self._events:
                 self._events.upload()
 
+    def add(self, step: int, scalars: dict | None = None, images: dict | None = None) -> None:
+        """TensorBoard alone: scalars {tag: number} and images {tag: PNG file} at `step`."""
+        if self._tb is None:
+            return
+        for tag, value in (scalars or {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                self._tb.add_scalar(tag, value, int(step))
+        for tag, png in (images or {}).items():
+            with Image.open(io.BytesIO(paths.path(png).read_bytes())) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self._tb.add_image(tag, pixels, int(step), dataformats="HWC")
+        self._tb.flush()
+        if self._events:
+            self._events.upload()
+
     def flush(self) -> None:
         """Writes what a bucket does not hold yet (nothing to do on a local disk)."""
-        if not (self.enabled and self._remote and self._unflushed):
+        if not (self.enabled and self._remote and self._unflushed and self.path is not None):
             return
         self._flushed_at = self._clock()
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -87,6 +88,25 @@ def bucket(env):
     return read
 
 
+def tensorboard_tags(objects) -> set[tuple[str, str]]:
+    """{(kind, tag)} of the summaries in every TensorBoard event file among `objects`: each
+    file is TFRecords (length, its CRC, an Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    found = set()
+    for name, data in objects.items():
+        if not name.startswith("tensorboard/events.out.tfevents"):
+            continue
+        at = 0
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                found.add(("image" if value.HasField("image") else "scalar", value.tag))
+    return found
+
+
 def metric_steps(objects) -> list[int]:
     return [json.loads(line)["step"] for line in objects["metrics.jsonl"].decode().splitlines()]
 
@@ -112,7 +132,9 @@ def test_train_resume_kill_eval_and_sample_in_a_bucket(gcs, cwd):
     assert metric_steps(objects) == [1, 2]
     assert checkpoint_steps(objects) == {1, 2}
     assert json.loads(objects["eval/step_2.json"])["step"] == 2
-    assert any(name.startswith("tensorboard/events.out.tfevents") for name in objects)
+    # TensorBoard in the bucket: the training curves, the last sample grid, the evaluation.
+    tags = tensorboard_tags(objects)
+    assert {("scalar", "loss"), ("image", "samples"), ("scalar", "eval/digits_fd")} <= tags, tags
     assert "commit_success.txt" in {n.rsplit("/", 1)[-1] for n in objects}  # orbax's GCS commit
 
     # SIGKILL in the middle of a long run; the same command resumes from the bucket.

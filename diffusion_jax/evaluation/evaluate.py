@@ -8,6 +8,7 @@ precision/recall, bits/dim), or an autoencoder's held-out reconstructions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -249,6 +250,11 @@ def evaluate_and_write(config, workdir, step, params, run) -> dict:
             if k in METRICS + ("digits_confident", "reconstruction_mse", "blur_mse")
         }
         log.info("eval: wrote %s (%s): %s", path, result["ema"], scores)
+        if step is not None and not config.eval.params_file:
+            # TensorBoard too, beside the training curves; other settings under their key.
+            prefix = "eval" if path.name == f"{result_name(config, step)}.json" else f"eval-{key}"
+            with contextlib.closing(metrics_io.MetricWriter(workdir, filename=None)) as board:
+                board.add(step, {f"{prefix}/{k}": v for k, v in scores.items()})
     return result
 
 

@@ -281,7 +281,8 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
                         save_snapshot(step)
                     if picture:
                         key = jax.random.fold_in(sample_key, step)
-                        run.objective.picture(run, state.ema_params, key, workdir, step)
+                        png = run.objective.picture(run, state.ema_params, key, workdir, step)
+                        writer.add(step, images={"samples": png} if png else None)
                     if checkpoint:
                         save(step)
                     if evaluation:
