@@ -153,3 +153,49 @@ def test_the_convert_program_writes_the_folder_as_one_file(tmp_path, capsys):
     assert json.loads(config.to_json()) == json.loads(expected_config.to_json())
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _same_tree(a, b) -> bool:
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    pairs = zip(leaves_a, leaves_b, strict=True) if tree_a == tree_b else ()
+    return tree_a == tree_b and all(np.array_equal(x, y) for x, y in pairs)
+
+
+@pytest.mark.parametrize(
+    "folder, reader",
+    [
+        ("diffusers_unet_ddpm", "unet"),  # UNet2DModel
+        ("tiny_sd15/unet", "unet"),  # UNet2DConditionModel
+        ("diffusers_dit", "dit"),  # DiTPipeline
+        ("diffusers_dit/transformer", "dit"),  # DiTTransformer2DModel alone
+        ("tiny_sd15", "pipeline"),  # a Stable Diffusion pipeline folder
+    ],
+)
+def test_from_diffusers_dispatches_on_the_class_name(folder, reader):
+    from diffusion_jax.models.convert import dit, pipeline, unet
+
+    family = {"unet": unet.from_diffusers, "dit": dit.from_diffusers}
+    family["pipeline"] = pipeline.from_pipeline
+    params, config = from_diffusers(FIXTURES / folder)
+    expected_params, expected_config = family[reader](FIXTURES / folder)
+    assert _same_tree(params, expected_params)
+    assert config.to_json_best_effort() == expected_config.to_json_best_effort()
+
+
+def test_a_config_alone_dispatches_too():
+    from diffusion_jax.models.convert import model_config_from_diffusers
+
+    cfg = json.loads((FIXTURES / "diffusers_dit" / "transformer" / "config.json").read_text())
+    assert model_config_from_diffusers(cfg).model.arch == "dit"
+    cfg = json.loads((FIXTURES / "diffusers_unet_ddpm" / "config.json").read_text())
+    assert model_config_from_diffusers(cfg).model.arch == "unet"
+
+
+def test_a_class_no_importer_reads_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
+    with pytest.raises(ValueError, match=r"_class_name 'UNet3DConditionModel' is not a model") as e:
+        from_diffusers(tmp_path)
+    assert "\n" not in str(e.value) and "UNet2DModel" in str(e.value)
+    with pytest.raises(ValueError, match="an AutoencoderKL; read it with"):
+        from_diffusers(FIXTURES / "tiny_sd15" / "vae")

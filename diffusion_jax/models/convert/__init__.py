@@ -11,11 +11,12 @@ DiTTransformer2DModel), `vae/` and `scheduler/`. Tensors are read with safetenso
 API, `.pt` / `.pth` files with a restricted unpickler: no torch at run time.
 
     layout.py        tensor names and the Flax <-> torch layouts, shared by every family
-    unet.py          UNet2DModel / UNet2DConditionModel <-> the U-Net (from_diffusers)
+    unet.py          UNet2DModel / UNet2DConditionModel <-> the U-Net
     autoencoder.py   AutoencoderKL <-> the KL autoencoder
     text_encoder.py  transformers' CLIPTextModel <-> CLIP's text encoder
     pipeline.py      a Stable Diffusion pipeline folder: all three at once (from_pipeline,
                      to_pipeline)
+    loader.py        from_diffusers(folder): any of these folders, by its _class_name
     scheduler.py     scheduler_config.json <-> the sampling settings (as diffusers reads it)
     dit.py           DiTTransformer2DModel / DiTPipeline and the original DiT .pt <-> the DiT
     torch_pickle.py  PyTorch .pt / .pth files read into NumPy without torch
@@ -41,6 +42,7 @@ from diffusion_jax.models.convert.layout import (
     to_torch_layout,
     torch_tensors,
 )
+from diffusion_jax.models.convert.loader import from_diffusers, model_config_from_diffusers
 from diffusion_jax.models.convert.pipeline import (
     describe_pipeline,
     finetune_config,
@@ -66,8 +68,6 @@ from diffusion_jax.models.convert.unet import (
     UNSUPPORTED_CONDITION_OPTIONS,
     UP_BLOCKS,
     diffusers_config,
-    from_diffusers,
-    model_config_from_diffusers,
     params_from_tensors,
     to_diffusers,
 )
