@@ -233,10 +233,11 @@ def result_path(workdir, name: str, key: str) -> Path:
     return eval_dir(workdir) / f"{name}-{key}.json"
 
 
-def evaluate_and_write(config, workdir, step, params, run) -> dict:
+def evaluate_and_write(config, workdir, step, params, run, board=None) -> dict:
     """Scores `params` (the EMA weights of `step`, or eval.params_file) and writes
     eval/<result_name>.json (or <result_name>-<settings>.json beside a result of other
-    settings)."""
+    settings), and its scores to TensorBoard: through `board` (the training run's
+    `metrics_io.MetricWriter`) when given, else a writer of its own."""
     key = settings_key(config)
     result = {**evaluate_step(config, step, params, run), "settings": key}
     if config.eval.params_file:
@@ -253,8 +254,12 @@ def evaluate_and_write(config, workdir, step, params, run) -> dict:
         if step is not None and not config.eval.params_file:
             # TensorBoard too, beside the training curves; other settings under their key.
             prefix = "eval" if path.name == f"{result_name(config, step)}.json" else f"eval-{key}"
-            with contextlib.closing(metrics_io.MetricWriter(workdir, filename=None)) as board:
-                board.add(step, {f"{prefix}/{k}": v for k, v in scores.items()})
+            tagged = {f"{prefix}/{k}": v for k, v in scores.items()}
+            if board is not None:
+                board.add(step, tagged)
+            else:
+                with contextlib.closing(metrics_io.MetricWriter(workdir, filename=None)) as own:
+                    own.add(step, tagged)
     return result
 
 

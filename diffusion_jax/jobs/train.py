@@ -286,7 +286,9 @@ def train_and_evaluate(config, workdir) -> state_lib.TrainState:
                     if checkpoint:
                         save(step)
                     if evaluation:
-                        evaluate_and_write(config, workdir, step, state.ema_params, run)
+                        evaluate_and_write(
+                            config, workdir, step, state.ema_params, run, board=writer
+                        )
         if pending is not None:
             report(*pending)
         if stopping:

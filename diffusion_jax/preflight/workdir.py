@@ -75,7 +75,11 @@ def check_reachable(workdir) -> None:
     if not paths.is_remote(workdir):
         return
     try:
-        paths.path(workdir).exists()
+        where = paths.path(workdir)
+    except ConfigError as e:  # an unsupported scheme
+        raise ConfigError(f"--workdir={e}") from e
+    try:
+        where.exists()
     except Exception as e:  # noqa: BLE001 - no network, no credentials, a malformed name
         raise ConfigError(
             f"--workdir={workdir}: cannot reach it ({first_line(e, named=True, limit=160)}); "
